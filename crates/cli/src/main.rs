@@ -1,0 +1,104 @@
+//! `coffer`: the server, the admin tools and the CLI client in one binary.
+
+mod output;
+mod secret;
+mod server;
+mod vault;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use coffer_client::{ClientConfig, CofferClient};
+use zeroize::Zeroizing;
+
+#[derive(Parser)]
+#[command(name = "coffer", version, about = "A self-hosted secrets vault speaking the Azure Key Vault API")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (HTTPS only). `--dev` runs a local development server.
+    Server(server::ServerArgs),
+    /// Manage vaults (admin API).
+    #[command(subcommand)]
+    Vault(vault::VaultCommand),
+    /// Manage secrets in a vault (Key Vault API), like `az keyvault secret`.
+    #[command(subcommand)]
+    Secret(secret::SecretCommand),
+    /// Offline administration of a data directory (run where the server's files are).
+    #[command(subcommand)]
+    Admin(server::AdminCommand),
+}
+
+/// How the CLI reaches a server; read from the environment written to `admin.env`.
+#[derive(Args, Clone)]
+pub struct Connection {
+    /// Server root URL, e.g. https://localhost:8443.
+    #[arg(long, env = "COFFER_URL", global = true)]
+    url: Option<String>,
+    /// Bearer token. Prefer the environment variable over the flag (flags show in `ps`).
+    #[arg(long, env = "COFFER_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// PEM file of the CA to trust (the dev CA is DATA_DIR/ca.pem). Falls back to SSL_CERT_FILE.
+    #[arg(long, env = "COFFER_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = output::Format::Table, global = true)]
+    output: output::Format,
+}
+
+impl Connection {
+    pub fn client(&self) -> Result<CofferClient> {
+        let url = self
+            .url
+            .clone()
+            .context("no server URL: set COFFER_URL (source DATA_DIR/admin.env) or pass --url")?;
+        let token = Zeroizing::new(
+            self.token
+                .clone()
+                .context("no token: set COFFER_TOKEN (source DATA_DIR/admin.env) or pass --token")?,
+        );
+        let ca_file = self.ca_file.clone().or_else(|| std::env::var_os("SSL_CERT_FILE").map(PathBuf::from));
+        let ca_pem = ca_file
+            .map(|path| {
+                std::fs::read(&path).with_context(|| format!("cannot read the CA file {}", path.display()))
+            })
+            .transpose()?;
+        Ok(CofferClient::new(ClientConfig { server_url: url, token, ca_pem })?)
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let is_server = matches!(cli.command, Command::Server(_));
+    init_tracing(is_server);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Server(args) => server::run_server(args).await,
+            Command::Vault(cmd) => vault::run(cmd).await,
+            Command::Secret(cmd) => secret::run(cmd).await,
+            Command::Admin(cmd) => server::run_admin(cmd).await,
+        }
+    });
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_tracing(server: bool) {
+    let default = if server { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("COFFER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}

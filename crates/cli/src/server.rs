@@ -1,0 +1,176 @@
+//! `coffer server` and `coffer admin …`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use coffer_server::config::{FileConfig, Mode, ServerConfig};
+use coffer_server::keyring::{self, RootKeySource};
+use tokio::sync::watch;
+use zeroize::Zeroizing;
+
+/// Every server setting; each also a config-file key (same name with `_`) and an environment
+/// variable. Flags and environment win over the file.
+#[derive(Args, Clone, Default)]
+pub struct ServerSettings {
+    /// TOML config file (production mode).
+    #[arg(long, env = "COFFER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (database, keys; dev mode default ./coffer-data).
+    #[arg(long, env = "COFFER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address to listen on (default 127.0.0.1:8443).
+    #[arg(long, env = "COFFER_LISTEN")]
+    listen: Option<String>,
+    /// DNS zone: vaults are served at https://<vault>.<zone> (default localhost).
+    #[arg(long, env = "COFFER_ZONE")]
+    zone: Option<String>,
+    /// Port clients use, when it differs from the listening port (e.g. behind a forwarder).
+    #[arg(long, env = "COFFER_PUBLIC_PORT")]
+    public_port: Option<u16>,
+    /// Tenant id named in the authentication challenge (default: generated once).
+    #[arg(long, env = "COFFER_TENANT_ID")]
+    tenant_id: Option<String>,
+    /// PEM certificate chain (production).
+    #[arg(long, env = "COFFER_TLS_CERT_FILE")]
+    tls_cert_file: Option<PathBuf>,
+    /// PEM private key (production).
+    #[arg(long, env = "COFFER_TLS_KEY_FILE")]
+    tls_key_file: Option<PathBuf>,
+    /// Root key file: 32 bytes, or 64 hex characters.
+    #[arg(long, env = "COFFER_ROOT_KEY_FILE")]
+    root_key_file: Option<PathBuf>,
+    /// File holding the root-key passphrase (never the passphrase itself in a variable).
+    #[arg(long, env = "COFFER_ROOT_KEY_PASSPHRASE_FILE")]
+    root_key_passphrase_file: Option<PathBuf>,
+    /// Lifetime of issued access tokens, in seconds (default 3600).
+    #[arg(long, env = "COFFER_TOKEN_LIFETIME_SECS")]
+    token_lifetime_secs: Option<u64>,
+}
+
+#[derive(Args)]
+pub struct ServerArgs {
+    /// Development mode: local CA, key file and a `dev` vault, created on first start.
+    #[arg(long)]
+    dev: bool,
+    #[command(flatten)]
+    settings: ServerSettings,
+}
+
+impl ServerSettings {
+    fn resolve(&self, mode: Mode) -> Result<ServerConfig> {
+        let file = match &self.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let flags = FileConfig {
+            data_dir: self.data_dir.clone(),
+            listen: self.listen.clone(),
+            zone: self.zone.clone(),
+            public_port: self.public_port,
+            tenant_id: self.tenant_id.clone(),
+            tls_cert_file: self.tls_cert_file.clone(),
+            tls_key_file: self.tls_key_file.clone(),
+            root_key_file: self.root_key_file.clone(),
+            root_key_passphrase_file: self.root_key_passphrase_file.clone(),
+            token_lifetime_secs: self.token_lifetime_secs,
+        };
+        Ok(ServerConfig::resolve(mode, file.overlay(flags), prompt_passphrase)?)
+    }
+
+    /// Offline tools work on either kind of data directory: dev if no config file is given.
+    fn resolve_for_tools(&self) -> Result<ServerConfig> {
+        let mode =
+            if self.config.is_some() || self.tls_cert_file.is_some() { Mode::Production } else { Mode::Dev };
+        self.resolve(mode)
+    }
+}
+
+fn prompt_passphrase() -> Option<Zeroizing<String>> {
+    if !std::io::stdin().is_terminal() {
+        return None;
+    }
+    rpassword::prompt_password("Root key passphrase: ").ok().map(Zeroizing::new)
+}
+
+pub async fn run_server(args: ServerArgs) -> Result<()> {
+    let mode = if args.dev { Mode::Dev } else { Mode::Production };
+    let config = args.settings.resolve(mode).context("refusing to start")?;
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        let _ = tx.send(true);
+    });
+    coffer_server::run(config, rx).await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+#[derive(Subcommand)]
+pub enum AdminCommand {
+    /// Print an administrator access token, minted from the data directory.
+    Token {
+        #[command(flatten)]
+        settings: ServerSettings,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+    },
+    /// Re-wrap every stored key under a new root key (stop the server first).
+    RewrapRootKey {
+        #[command(flatten)]
+        settings: ServerSettings,
+        /// The new root key file (created with a random key if --generate is given).
+        #[arg(long, conflicts_with = "new_passphrase_file")]
+        new_root_key_file: Option<PathBuf>,
+        /// Switch to a passphrase-derived root key read from this file.
+        #[arg(long)]
+        new_passphrase_file: Option<PathBuf>,
+        /// Generate a random new root key into --new-root-key-file.
+        #[arg(long, requires = "new_root_key_file")]
+        generate: bool,
+    },
+}
+
+pub async fn run_admin(cmd: AdminCommand) -> Result<()> {
+    match cmd {
+        AdminCommand::Token { settings, ttl_secs } => {
+            if !(60..=7 * 86_400).contains(&ttl_secs) {
+                bail!("--ttl-secs must be between 60 and 604800");
+            }
+            let token = Zeroizing::new(
+                coffer_server::mint_admin_token(settings.resolve_for_tools()?, ttl_secs).await?,
+            );
+            println!("{}", &*token);
+        }
+        AdminCommand::RewrapRootKey { settings, new_root_key_file, new_passphrase_file, generate } => {
+            let new_source = match (new_root_key_file, new_passphrase_file) {
+                (Some(path), None) => {
+                    if generate {
+                        keyring::create_root_key_file(&path).with_context(|| {
+                            format!("cannot create {} (it must not exist yet)", path.display())
+                        })?;
+                    }
+                    RootKeySource::KeyFile(path)
+                }
+                (None, Some(path)) => RootKeySource::PassphraseFile(path),
+                _ => bail!("give --new-root-key-file or --new-passphrase-file"),
+            };
+            let config = settings.resolve_for_tools()?;
+            let n = coffer_server::rewrap_root_key(config, new_source).await?;
+            eprintln!(
+                "re-wrapped {n} keys under the new root key; start the server with the new root-key source"
+            );
+        }
+    }
+    Ok(())
+}

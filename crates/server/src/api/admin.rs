@@ -1,0 +1,137 @@
+//! Coffer's admin API at the zone's root host: vault management and health. Same
+//! authenticate → authorize → execute pipeline and the same error format as the data plane.
+
+use std::sync::Arc;
+
+use axum::extract::Request;
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use coffer_core::authz::{authorize, Action, Scope};
+use coffer_core::model::RetentionPolicy;
+use coffer_core::names::VaultName;
+use coffer_store::VaultRecord;
+use serde::{Deserialize, Serialize};
+
+use super::{authenticate, json_response, query_pairs, query_value, read_body, ApiError, AppState};
+use crate::vaults::ServiceError;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CreateVault {
+    name: String,
+    retention_days: Option<i64>,
+    purge_protection: Option<bool>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct VaultOut {
+    name: String,
+    id: String,
+    url: String,
+    retention_days: i64,
+    purge_protection: bool,
+    recovery_level: &'static str,
+    created: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secrets: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deleted_secrets: Option<u64>,
+}
+
+fn vault_out(state: &AppState, v: &VaultRecord, counts: Option<(u64, u64)>) -> VaultOut {
+    VaultOut {
+        name: v.name.to_string(),
+        id: v.id.clone(),
+        url: AppState::vault_url(&state.zone, state.public_port, v.name.as_str()),
+        retention_days: v.policy.retention_days,
+        purge_protection: v.policy.purge_protection,
+        recovery_level: v.policy.recovery_level(),
+        created: v.created,
+        secrets: counts.map(|c| c.0),
+        deleted_secrets: counts.map(|c| c.1),
+    }
+}
+
+fn vault_error(e: ServiceError, name: &str) -> ApiError {
+    match e {
+        ServiceError::NotFound => vault_not_found(name),
+        ServiceError::NameExists => ApiError::conflict(format!("A vault named '{name}' already exists.")),
+        ServiceError::PurgeProtected => ApiError::forbidden(format!(
+            "The vault '{name}' has purge protection and still holds soft-deleted secrets; it can be deleted once \
+             their retention period has passed."
+        )),
+        other => ApiError::from_service(other, name),
+    }
+}
+
+fn vault_not_found(name: &str) -> ApiError {
+    ApiError::not_found("VaultNotFound", format!("The vault '{name}' does not exist on this server."))
+}
+
+fn ok<T: Serialize>(status: StatusCode, body: &T) -> Result<Response, ApiError> {
+    let text = serde_json::to_string(body).map_err(|e| ApiError::internal(&e.to_string()))?;
+    Ok(json_response(status, text))
+}
+
+pub(super) async fn handle(state: &Arc<AppState>, req: Request) -> Response {
+    handle_inner(state, req).await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn handle_inner(state: &Arc<AppState>, req: Request) -> Result<Response, ApiError> {
+    if req.uri().path() == "/healthz" {
+        return ok(StatusCode::OK, &serde_json::json!({ "status": "ok" }));
+    }
+    let principal = authenticate(state, req.headers()).await?;
+    let pairs = query_pairs(&req);
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().trim_end_matches('/');
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (segments.as_slice(), &parts.method) {
+        (["admin", "vaults"], &Method::GET) => {
+            authorize(&principal, Action::VaultRead, Scope::Server)
+                .map_err(|d| ApiError::forbidden(d.to_string()))?;
+            let value: Vec<_> = state.vaults.vaults().iter().map(|v| vault_out(state, v, None)).collect();
+            ok(StatusCode::OK, &serde_json::json!({ "value": value }))
+        }
+        (["admin", "vaults"], &Method::POST) => {
+            authorize(&principal, Action::VaultManage, Scope::Server)
+                .map_err(|d| ApiError::forbidden(d.to_string()))?;
+            let body = read_body(body, 64 * 1024).await?;
+            let req: CreateVault = serde_json::from_slice(&body)
+                .map_err(|e| ApiError::bad_parameter(format!("The request body is not valid: {e}")))?;
+            let name = VaultName::parse(&req.name).map_err(|e| ApiError::bad_parameter(e.to_string()))?;
+            let policy = RetentionPolicy::new(
+                req.retention_days.unwrap_or(RetentionPolicy::DEFAULT_DAYS),
+                req.purge_protection.unwrap_or(false),
+            )
+            .map_err(|e| ApiError::bad_parameter(e.to_string()))?;
+            let record =
+                state.vaults.create_vault(name, policy).await.map_err(|e| vault_error(e, &req.name))?;
+            tracing::info!(vault = %record.name, "vault created");
+            ok(StatusCode::CREATED, &vault_out(state, &record, Some((0, 0))))
+        }
+        (["admin", "vaults", name], &Method::GET) => {
+            authorize(&principal, Action::VaultRead, Scope::Vault { vault: name })
+                .map_err(|d| ApiError::forbidden(d.to_string()))?;
+            let vault =
+                state.vaults.vault(&name.to_ascii_lowercase()).ok_or_else(|| vault_not_found(name))?;
+            let counts = state.vaults.vault_counts(&vault).await.map_err(|e| vault_error(e, name))?;
+            ok(StatusCode::OK, &vault_out(state, &vault.record, Some(counts)))
+        }
+        (["admin", "vaults", name], &Method::DELETE) => {
+            authorize(&principal, Action::VaultManage, Scope::Vault { vault: name })
+                .map_err(|d| ApiError::forbidden(d.to_string()))?;
+            let force = query_value(&pairs, "force") == Some("true");
+            state
+                .vaults
+                .delete_vault(&name.to_ascii_lowercase(), force)
+                .await
+                .map_err(|e| vault_error(e, name))?;
+            tracing::info!(vault = %name, force, "vault deleted");
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        (["admin", "vaults"] | ["admin", "vaults", _], _) => Err(ApiError::method_not_allowed()),
+        _ => Err(ApiError::not_found("NotFound", "The requested path does not exist in the admin API.")),
+    }
+}
