@@ -16,7 +16,7 @@ use crate::keyring::{Keyring, KeyringError};
 const ACTIVE_KID_META: &str = "active-signing-kid";
 const CLOCK_SKEW_SECS: u64 = 60;
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum TokenError {
     #[error("the token is malformed")]
     Malformed,
@@ -175,4 +175,115 @@ impl TokenAuthority {
 
 pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use coffer_core::crypto::Key;
+    use coffer_store::SqliteStore;
+
+    async fn authority() -> (tempfile::TempDir, TokenAuthority) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let keyring = Keyring::open(&store, Key::generate()).await.unwrap();
+        let ta = TokenAuthority::load(
+            &store,
+            &keyring,
+            "https://login.localhost:1/t/v2.0".into(),
+            "https://localhost:1".into(),
+            "t".into(),
+        )
+        .await
+        .unwrap();
+        (dir, ta)
+    }
+
+    fn forge(
+        ta: &TokenAuthority,
+        alg: Algorithm,
+        kid: Option<&str>,
+        key: &EncodingKey,
+        edit: impl FnOnce(&mut Claims),
+    ) -> String {
+        let now = unix_now();
+        let mut claims = Claims {
+            iss: ta.issuer.clone(),
+            aud: ta.audience.clone(),
+            sub: "oid".into(),
+            oid: "oid".into(),
+            tid: "t".into(),
+            iat: now,
+            nbf: now,
+            exp: now + 600,
+        };
+        edit(&mut claims);
+        let mut header = Header::new(alg);
+        header.kid = kid.map(str::to_owned);
+        jsonwebtoken::encode(&header, &claims, key).unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_field_is_validated() {
+        let (_d, ta) = authority().await;
+        let (good, claims) = ta.issue("oid", 600);
+        assert_eq!(ta.verify(&good).unwrap(), claims);
+
+        let kid = ta.active_kid.clone();
+        let own = &ta.signing_key;
+        let foreign_pair = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let foreign = EncodingKey::from_ec_der(&foreign_pair.serialize_der());
+        let cases: Vec<(String, TokenError)> = vec![
+            (forge(&ta, Algorithm::ES256, Some(&kid), &foreign, |_| {}), TokenError::Signature),
+            (
+                forge(&ta, Algorithm::HS256, Some(&kid), &EncodingKey::from_secret(b"k"), |_| {}),
+                TokenError::Algorithm,
+            ),
+            (forge(&ta, Algorithm::ES256, Some("other-kid"), own, |_| {}), TokenError::UnknownKey),
+            (forge(&ta, Algorithm::ES256, None, own, |_| {}), TokenError::UnknownKey),
+            (
+                forge(&ta, Algorithm::ES256, Some(&kid), own, |c| c.iss = "https://evil/t/v2.0".into()),
+                TokenError::Issuer,
+            ),
+            (
+                forge(&ta, Algorithm::ES256, Some(&kid), own, |c| c.aud = "https://other:1".into()),
+                TokenError::Audience,
+            ),
+            (
+                forge(&ta, Algorithm::ES256, Some(&kid), own, |c| c.exp = unix_now() - 3600),
+                TokenError::Expired,
+            ),
+            (
+                forge(&ta, Algorithm::ES256, Some(&kid), own, |c| c.nbf = unix_now() + 3600),
+                TokenError::NotYetValid,
+            ),
+        ];
+        for (token, expected) in cases {
+            assert_eq!(ta.verify(&token), Err(expected.clone()), "{expected:?}");
+        }
+        // alg "none" and garbage.
+        let unsigned = format!(
+            "{}.{}.",
+            base64::Engine::encode(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                br#"{"alg":"none","kid":"x"}"#
+            ),
+            base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, br#"{"sub":"oid"}"#)
+        );
+        assert!(ta.verify(&unsigned).is_err());
+        assert_eq!(ta.verify("garbage"), Err(TokenError::Malformed));
+    }
+
+    #[tokio::test]
+    async fn keys_survive_a_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Key::generate();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let keyring = Keyring::open(&store, root.clone()).await.unwrap();
+        let load = || TokenAuthority::load(&store, &keyring, "i".into(), "a".into(), "t".into());
+        let first = load().await.unwrap();
+        let (token, _) = first.issue("oid", 600);
+        let second = load().await.unwrap();
+        assert!(second.verify(&token).is_ok(), "a restart keeps the signing key");
+    }
 }

@@ -1,0 +1,123 @@
+//! Runs the real `coffer` binary as a dev server on a free loopback port, like a user would.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use coffer_client::{ClientConfig, CofferClient};
+use zeroize::Zeroizing;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_coffer");
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct TestServer {
+    pub child: Child,
+    pub data_dir: PathBuf,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+/// Reads `export KEY='value'` lines.
+pub fn read_env_file(path: &Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.trim_matches('\'').to_owned()))
+        .collect()
+}
+
+impl TestServer {
+    pub fn start(data_dir: &Path, port: u16, extra_args: &[&str]) -> TestServer {
+        Self::try_start(data_dir, port, extra_args)
+            .unwrap_or_else(|log| panic!("server did not start:\n{log}"))
+    }
+
+    /// Starts the server; on failure returns its output.
+    pub fn try_start(data_dir: &Path, port: u16, extra_args: &[&str]) -> Result<TestServer, String> {
+        let log = data_dir.with_extension(format!("{port}.log"));
+        let log_file = std::fs::File::create(&log).unwrap();
+        let mut child = Command::new(BIN)
+            .args(["server", "--dev", "--data-dir"])
+            .arg(data_dir)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(extra_args)
+            .env("COFFER_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let log_copy = log.clone();
+        std::thread::spawn(move || {
+            let mut out = std::fs::OpenOptions::new().append(true).open(&log_copy).unwrap();
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                use std::io::Write;
+                let _ = writeln!(out, "{line}");
+                if line.contains("ready") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        let ready = rx.recv_timeout(Duration::from_secs(60)).is_ok();
+        if !ready {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::fs::read_to_string(&log).unwrap_or_default());
+        }
+        Ok(TestServer { child, data_dir: data_dir.to_path_buf(), port, log })
+    }
+
+    pub fn admin_env(&self) -> Vec<(String, String)> {
+        read_env_file(&self.data_dir.join("admin.env"))
+    }
+
+    pub fn env(&self, key: &str) -> String {
+        self.admin_env().into_iter().find(|(k, _)| k == key).map(|(_, v)| v).unwrap()
+    }
+
+    pub fn client(&self) -> CofferClient {
+        CofferClient::new(ClientConfig {
+            server_url: self.env("COFFER_URL"),
+            token: Zeroizing::new(self.env("COFFER_TOKEN")),
+            ca_pem: Some(std::fs::read(self.data_dir.join("ca.pem")).unwrap()),
+        })
+        .unwrap()
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the CLI with the server's admin environment; returns (success, stdout, stderr).
+pub fn cli(server: &TestServer, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN).args(args).envs(server.admin_env()).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
