@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs every Coffer test, installing what the tests need first:
+#   - rustfmt and clippy (rustup components),
+#   - the official Azure SDKs: Python packages into .cache/compat-venv, npm packages into
+#     tests/compat/js/node_modules (exact pinned versions),
+# then: format and lint checks, the Rust unit and integration tests (which run the real binary,
+# including a kill -9 crash test), and the official-SDK compatibility suites against a dev server.
+#
+# Usage: scripts/test.sh            (from anywhere; needs root for the private mount namespace
+#                                    that maps *.localhost in the compat suites)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "toolchain components"
+if command -v rustup >/dev/null 2>&1; then
+  rustup component add rustfmt clippy >/dev/null 2>&1 || echo "warning: rustup could not add rustfmt/clippy"
+fi
+for tool in cargo python3 node npm unshare mount; do
+  command -v "$tool" >/dev/null 2>&1 || { echo "error: '$tool' is required (see README.md, Set-up)"; exit 1; }
+done
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test (unit + integration against the real binary)"
+cargo test --workspace --locked
+
+step "build the coffer binary for the SDK suites"
+cargo build --locked -p coffer-cli --bin coffer
+
+step "official Azure SDK compatibility suites"
+bash tests/compat/run.sh target/debug/coffer
+
+echo
+echo "all Coffer tests passed"
