@@ -222,6 +222,8 @@ fn dev_mode_writes_env_files_with_private_modes() {
     assert_eq!(mode("root.key"), 0o600);
     assert_eq!(mode("tls/ca-key.pem"), 0o600);
     assert_eq!(mode("tls/server-key.pem"), 0o600);
+    assert_eq!(mode("coffer.db"), 0o600);
+    assert_eq!(mode("coffer.db-wal"), 0o600);
     let dev = read_env_file(&data.join("dev.env"));
     let get = |k: &str| dev.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).unwrap();
     assert_eq!(get("AZURE_KEYVAULT_URL"), format!("https://dev.localhost:{port}"));

@@ -65,7 +65,7 @@ impl Core {
                 }
             }
         } else if !config.data_dir.is_dir() {
-            std::fs::create_dir_all(&config.data_dir).with_context(|| {
+            files::create_private_dir(&config.data_dir).with_context(|| {
                 format!(
                     "the data directory {} does not exist and cannot be created",
                     config.data_dir.display()
@@ -76,6 +76,7 @@ impl Core {
         let store: Arc<dyn Store> = Arc::new(
             SqliteStore::open(&db).with_context(|| format!("cannot open the database {}", db.display()))?,
         );
+        restrict_database_files(&db)?;
         let root = config.root_key.load(store.as_ref()).await.context("cannot load the root key")?;
         let keyring =
             Arc::new(Keyring::open(store.as_ref(), root).await.context("cannot unlock the keyring")?);
@@ -121,6 +122,21 @@ impl Core {
     pub fn server_url(&self) -> String {
         AppState::resource(&self.config.zone, self.config.public_port)
     }
+}
+
+/// The database holds only ciphertext and wrapped keys, but its metadata (names, tags) is
+/// still nobody else's business: owner-only, like the key files. SQLite gives the WAL and
+/// shared-memory files the database file's mode.
+fn restrict_database_files(db: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for suffix in ["", "-wal", "-shm"] {
+        let path = PathBuf::from(format!("{}{suffix}", db.display()));
+        if path.exists() {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("cannot restrict the permissions of {}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Runs the server until `shutdown` turns true. Prints a line containing `ready` once the
