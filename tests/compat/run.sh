@@ -15,6 +15,10 @@
 #   COMPAT_READY_TIMEOUT   seconds to wait for the server's `ready` line (default 60)
 #   COMPAT_SUITE_TIMEOUT   seconds each suite may run (default 1200)
 #   COMPAT_KEEP=1          keep the temporary data dir and logs (path printed at the end)
+#   COMPAT_PORT            use this port instead of a free one
+#
+# Vaults: VAULT_SPECS below lists every vault a suite uses (and so every name in the namespace's hosts file);
+# add a line there for a new vault.
 #
 # What it does: creates/reuses a venv at <repo>/.cache/compat-venv (pip install -r
 # tests/compat/python/requirements.txt), `npm ci` in tests/compat/js, picks a free port, writes a hosts file
@@ -29,18 +33,29 @@ SCRIPT_PATH="$SCRIPT_DIR/$(basename "${BASH_SOURCE[0]}")"
 
 PY_VAULT="pycompat"
 JS_VAULT="jscompat"
+# Every vault a suite uses: "suite name [extra `coffer vault create` flags]". Retention 7 days unless given.
+VAULT_SPECS=(
+  "python $PY_VAULT --retention-days 7"
+  "python pyretain90"
+  "python pyprotected --retention-days 7 --purge-protection"
+  "js $JS_VAULT --retention-days 7"
+  "js jsretain90"
+  "js jsprotected --retention-days 7 --purge-protection"
+)
+all_vault_names() { local spec; for spec in "${VAULT_SPECS[@]}"; do set -- $spec; printf '%s ' "$2"; done; }
 RETENTION_DAYS=7
 
 log() { printf '[compat] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
-# Mask the bearer token (and anything after "Bearer ") in a stream. Reads COMPAT_TOKEN_RE.
+# Mask the bearer token in a stream: the exact COMPAT_MASK_TOKEN value (read from the environment, so it
+# never appears on a command line), and any long word after "Bearer ".
 mask() {
-  if [[ -n "${COMPAT_TOKEN_RE:-}" ]]; then
-    sed -u -e "s/${COMPAT_TOKEN_RE}/<redacted-token>/g" -e 's/\(Bearer[[:space:]]\{1,\}\)[A-Za-z0-9._~+\/=-]\{16,\}/\1<redacted>/g'
-  else
-    sed -u -e 's/\(Bearer[[:space:]]\{1,\}\)[A-Za-z0-9._~+\/=-]\{16,\}/\1<redacted>/g'
-  fi
+  awk 'BEGIN { t = ENVIRON["COMPAT_MASK_TOKEN"]; n = length(t) }
+       {
+         if (n > 0) { while ((i = index($0, t)) > 0) $0 = substr($0, 1, i - 1) "<redacted-token>" substr($0, i + n) }
+         print; fflush()
+       }' | sed -u -e 's/\(Bearer[[:space:]]\{1,\}\)[A-Za-z0-9._~+\/=-]\{16,\}/\1<redacted>/g'
 }
 
 sha_of() { cat "$@" | sha256sum | cut -d' ' -f1; }
@@ -55,6 +70,8 @@ inner() {
   SERVER_OUT="$COMPAT_WORK/server.out"
   SERVER_ERR="$COMPAT_WORK/server.err"
   SERVER_PID=""
+  SUITE_PID=""
+  MASK_PID=""
   local failed=0 py_rc=skipped js_rc=skipped
 
   stop_server() {
@@ -82,9 +99,45 @@ inner() {
   }
   on_exit() {
     local rc=$?
+    stop_suite
     stop_server
     if [[ $rc -ne 0 ]]; then print_server_log; fi
     exit "$rc"
+  }
+  # Runs "$@" in directory $1 with output masked (and copied to $2), as a background job so that a trapped
+  # INT/TERM interrupts `wait` at once; the EXIT trap then stops the suite (timeout forwards the signal to
+  # its process group) and the server.
+  run_suite() {
+    local dir="$1" logfile="$2"
+    shift 2
+    local fifo="$COMPAT_WORK/suite.fifo"
+    rm -f "$fifo"
+    mkfifo "$fifo"
+    { mask | tee "$logfile"; } <"$fifo" &
+    MASK_PID=$!
+    (cd "$dir" && exec "$@") <"/dev/null" >"$fifo" 2>&1 &
+    SUITE_PID=$!
+    local rc=0
+    wait "$SUITE_PID" || rc=$?
+    SUITE_PID=""
+    wait "$MASK_PID" || true
+    MASK_PID=""
+    rm -f "$fifo"
+    return "$rc"
+  }
+  stop_suite() {
+    if [[ -n "${SUITE_PID:-}" ]] && kill -0 "$SUITE_PID" 2>/dev/null; then
+      log "stopping the running suite (pid $SUITE_PID)"
+      kill -TERM "$SUITE_PID" 2>/dev/null || true
+      for _ in $(seq 1 50); do
+        kill -0 "$SUITE_PID" 2>/dev/null || break
+        sleep 0.2
+      done
+      kill -KILL "$SUITE_PID" 2>/dev/null || true
+    fi
+    SUITE_PID=""
+    if [[ -n "${MASK_PID:-}" ]]; then wait "$MASK_PID" 2>/dev/null || true; fi
+    MASK_PID=""
   }
   trap on_exit EXIT
   trap 'exit 130' INT
@@ -92,7 +145,7 @@ inner() {
 
   mount --bind "$COMPAT_WORK/hosts" /etc/hosts || die "could not bind-mount the hosts file over /etc/hosts"
   local v
-  for v in login dev "$PY_VAULT" "$JS_VAULT"; do
+  for v in login dev $(all_vault_names); do
     getent hosts "$v.localhost" | grep -q '^127\.0\.0\.1' || die "$v.localhost does not resolve to 127.0.0.1"
   done
 
@@ -118,28 +171,31 @@ inner() {
   # shellcheck disable=SC1091
   . "$data/admin.env"
   [[ -n "${COFFER_TOKEN:-}" ]] || die "admin.env has no COFFER_TOKEN"
-  COMPAT_TOKEN_RE="$(printf '%s' "$COFFER_TOKEN" | sed -e 's/[]\/$*.^[]/\\&/g')"
-  export COMPAT_TOKEN_RE
+  export COMPAT_MASK_TOKEN="$COFFER_TOKEN"
   for v in COFFER_URL SSL_CERT_FILE REQUESTS_CA_BUNDLE NODE_EXTRA_CA_CERTS; do
     [[ -n "${!v:-}" ]] || die "admin.env has no $v"
   done
   export COFFER_DATA_DIR="$data" COFFER_RETENTION_DAYS="$RETENTION_DAYS"
   export COFFER_PY_VAULT="$PY_VAULT" COFFER_JS_VAULT="$JS_VAULT"
+  export COFFER_PY_VAULT_90=pyretain90 COFFER_PY_VAULT_PROTECTED=pyprotected
+  export COFFER_JS_VAULT_90=jsretain90 COFFER_JS_VAULT_PROTECTED=jsprotected
   log "server ready (pid $SERVER_PID); COFFER_URL=$COFFER_URL"
 
-  local suite
-  for suite in $COMPAT_SUITES; do
-    local vault
-    case "$suite" in python) vault="$PY_VAULT" ;; js) vault="$JS_VAULT" ;; *) die "unknown suite '$suite'" ;; esac
-    log "creating vault $vault (retention $RETENTION_DAYS days)"
+  local suite spec vault
+  for spec in "${VAULT_SPECS[@]}"; do
+    # shellcheck disable=SC2086
+    set -- $spec
+    suite="$1" vault="$2"
+    shift 2
+    [[ " $COMPAT_SUITES " == *" $suite "* ]] || continue
+    log "creating vault $vault ${*:-(defaults)}"
     # pipefail: the pipeline fails when the CLI does.
-    if ! "$COFFER_BIN" vault create "$vault" --retention-days "$RETENTION_DAYS" </dev/null 2>&1 | mask >&2; then
+    if ! "$COFFER_BIN" vault create "$vault" "$@" </dev/null 2>&1 | mask >&2; then
       die "coffer vault create $vault failed"
     fi
   done
 
   for suite in $COMPAT_SUITES; do
-    local vault
     case "$suite" in python) vault="$PY_VAULT" ;; js) vault="$JS_VAULT" ;; esac
     # Diagnostic only: does the server's certificate verify for this vault's host name (OpenSSL rules)?
     "$COMPAT_VENV/bin/python" - "$vault.localhost" "$COMPAT_PORT" "$SSL_CERT_FILE" <<'PY' >&2 || true
@@ -172,15 +228,11 @@ PY
     case "$suite" in
       python)
         log "running the Python suite (azure-keyvault-secrets) against https://$PY_VAULT.localhost:$COMPAT_PORT"
-        set +e
-        (
-          cd "$SCRIPT_DIR/python" &&
-            # shellcheck disable=SC2086
-            PYTHONDONTWRITEBYTECODE=1 timeout "$timeout_s" "$COMPAT_VENV/bin/python" -m pytest -q \
-              -p no:cacheprovider ${COMPAT_PYTEST_ARGS:-} </dev/null
-        ) 2>&1 | mask
-        py_rc=${PIPESTATUS[0]}
-        set -e
+        py_rc=0
+        # shellcheck disable=SC2086
+        run_suite "$SCRIPT_DIR/python" "$COMPAT_WORK/pytest.log" \
+          env PYTHONDONTWRITEBYTECODE=1 timeout "$timeout_s" "$COMPAT_VENV/bin/python" -m pytest -q \
+          -p no:cacheprovider ${COMPAT_PYTEST_ARGS:-} || py_rc=$?
         case "$py_rc" in
           0) ;;
           5) log "pytest collected no tests (exit 5): counted as a failure"; failed=1 ;;
@@ -191,15 +243,13 @@ PY
       js)
         log "running the JS suite (@azure/keyvault-secrets) against https://$JS_VAULT.localhost:$COMPAT_PORT"
         local node_log="$COMPAT_WORK/node-test.log"
-        set +e
-        (
-          cd "$SCRIPT_DIR/js" &&
-            # shellcheck disable=SC2086
-            timeout "$timeout_s" node --test --test-concurrency=1 --test-reporter=spec ${COMPAT_NODE_ARGS:-} \
-              test/*.test.mjs </dev/null
-        ) 2>&1 | mask | tee "$node_log"
-        js_rc=${PIPESTATUS[0]}
-        set -e
+        js_rc=0
+        local js_tests=("$SCRIPT_DIR"/js/test/*.test.mjs)
+        [[ -e "${js_tests[0]}" ]] || die "no JS test files in $SCRIPT_DIR/js/test"
+        # shellcheck disable=SC2086
+        run_suite "$SCRIPT_DIR/js" "$node_log" \
+          timeout "$timeout_s" node --test --test-concurrency=1 --test-reporter=spec ${COMPAT_NODE_ARGS:-} \
+          "${js_tests[@]}" || js_rc=$?
         if [[ "$js_rc" == 0 ]] && ! grep -Eq '^(ℹ|#) tests [1-9][0-9]*$' "$node_log"; then
           log "node --test ran no tests: counted as a failure"
           js_rc=no-tests
@@ -227,7 +277,7 @@ fi
 # ---------------------------------------------------------------------------------------------------------
 # Outer part: dependencies, port, temp dir, hosts file; then re-run this script inside `unshare -m`.
 # ---------------------------------------------------------------------------------------------------------
-case "${1:-}" in -h | --help) sed -n '2,26p' "$SCRIPT_PATH" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
+case "${1:-}" in -h | --help) sed -n '2,30p' "$SCRIPT_PATH" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 
 REPO_ROOT="$(git -C "$SCRIPT_DIR" rev-parse --show-toplevel 2>/dev/null || (cd "$SCRIPT_DIR/../.." && pwd))"
 COFFER_BIN="${1:-${COFFER_BIN:-$REPO_ROOT/target/debug/coffer}}"
@@ -293,7 +343,9 @@ trap cleanup_outer EXIT
 # Hosts file for the namespace: the machine's entries minus localhost ones, plus every name the tests use.
 {
   grep -v -w -e 'localhost' /etc/hosts 2>/dev/null || true
-  printf '127.0.0.1\tlocalhost login.localhost dev.localhost %s.localhost %s.localhost\n' "$PY_VAULT" "$JS_VAULT"
+  printf '127.0.0.1\tlocalhost login.localhost dev.localhost'
+  for v in $(all_vault_names); do printf ' %s.localhost' "$v"; done
+  printf '\n'
   printf '::1\tip6-localhost ip6-loopback\n'
 } >"$COMPAT_WORK/hosts"
 

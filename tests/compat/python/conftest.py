@@ -77,6 +77,23 @@ def make_client(credential: StaticTokenCredential):
         c.close()
 
 
+@pytest.fixture(scope="module")
+def make_client_module(credential: StaticTokenCredential):
+    """Module-scoped factory for clients of other vaults."""
+    made: List[SecretClient] = []
+
+    def factory(url: str, **kwargs: Any) -> SecretClient:
+        opts = dict(CLIENT_KWARGS)
+        opts.update(kwargs)
+        c = SecretClient(vault_url=url, credential=credential, **opts)
+        made.append(c)
+        return c
+
+    yield factory
+    for c in made:
+        c.close()
+
+
 @pytest.fixture
 def name(request) -> str:
     """A fresh, valid secret name unique to this test."""

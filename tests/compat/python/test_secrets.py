@@ -265,3 +265,27 @@ def test_content_type_limit(client, name):
     with pytest.raises(HttpResponseError) as err:
         client.set_secret(name, "x", content_type="c" * 256)
     assert err.value.status_code == 400
+
+
+def test_names_are_case_insensitive(client, name):
+    # Key Vault object names are case-insensitive: another casing addresses the same secret.
+    first = client.set_secret(name, "lower")
+    assert client.get_secret(name.upper()).value == "lower"
+    client.set_secret(name.upper(), "upper")
+    assert client.get_secret(name).value == "upper"
+    versions = {p.version for p in client.list_properties_of_secret_versions(name)}
+    assert len(versions) == 2 and first.properties.version in versions
+
+
+def test_concurrent_sets_each_create_a_version(client, name):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda i: client.set_secret(name, f"c{i}"), range(16)))
+    versions = [r.properties.version for r in results]
+    assert len(set(versions)) == 16
+    assert {p.version for p in client.list_properties_of_secret_versions(name)} == set(versions)
+    for r in results:
+        assert client.get_secret(name, r.properties.version).value == r.value
+    # The latest is one of them (whichever the server committed last).
+    assert client.get_secret(name).properties.version in set(versions)
