@@ -1,5 +1,6 @@
 //! `coffer`: the server, the admin tools and the CLI client in one binary.
 
+mod identity;
 mod output;
 mod secret;
 mod server;
@@ -33,6 +34,27 @@ enum Command {
     /// Offline administration of a data directory (run where the server's files are).
     #[command(subcommand)]
     Admin(server::AdminCommand),
+    /// Managed identities, and principals of every kind (list, show, disable, delete, bind).
+    #[command(subcommand)]
+    Identity(identity::IdentityCommand),
+    /// Service principals (client secrets) for CI and automation.
+    #[command(subcommand)]
+    Sp(identity::SpCommand),
+    /// Users (people; password sign-in).
+    #[command(subcommand)]
+    User(identity::UserCommand),
+    /// Groups of principals.
+    #[command(subcommand)]
+    Group(identity::GroupCommand),
+    /// Role assignments and definitions (Key Vault's built-in roles and custom ones).
+    #[command(subcommand)]
+    Role(identity::RoleCommand),
+    /// Trust outside OIDC issuers (Kubernetes, CI) for a principal.
+    #[command(subcommand)]
+    Federation(identity::FederationCommand),
+    /// The host agent: create/join/run the managed-identity endpoint.
+    #[command(subcommand)]
+    Agent(identity::AgentCommand),
 }
 
 /// How the CLI reaches a server; read from the environment written to `admin.env`.
@@ -75,7 +97,8 @@ impl Connection {
 
 fn main() {
     let cli = Cli::parse();
-    let is_server = matches!(cli.command, Command::Server(_));
+    let is_server =
+        matches!(cli.command, Command::Server(_) | Command::Agent(identity::AgentCommand::Run { .. }));
     init_tracing(is_server);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(async move {
@@ -84,6 +107,13 @@ fn main() {
             Command::Vault(cmd) => vault::run(cmd).await,
             Command::Secret(cmd) => secret::run(cmd).await,
             Command::Admin(cmd) => server::run_admin(cmd).await,
+            Command::Identity(cmd) => identity::identity(cmd).await,
+            Command::Sp(cmd) => identity::sp(cmd).await,
+            Command::User(cmd) => identity::user(cmd).await,
+            Command::Group(cmd) => identity::group(cmd).await,
+            Command::Role(cmd) => identity::role(cmd).await,
+            Command::Federation(cmd) => identity::federation(cmd).await,
+            Command::Agent(cmd) => identity::agent(cmd).await,
         }
     });
     if let Err(e) = result {

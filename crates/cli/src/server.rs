@@ -47,6 +47,10 @@ pub struct ServerSettings {
     /// Lifetime of issued access tokens, in seconds (default 3600).
     #[arg(long, env = "COFFER_TOKEN_LIFETIME_SECS")]
     token_lifetime_secs: Option<u64>,
+    /// Dev mode: loopback address of the built-in managed-identity endpoint (default: the
+    /// listening port + 1).
+    #[arg(long, env = "COFFER_AGENT_LISTEN")]
+    agent_listen: Option<String>,
 }
 
 #[derive(Args)]
@@ -75,6 +79,7 @@ impl ServerSettings {
             root_key_file: self.root_key_file.clone(),
             root_key_passphrase_file: self.root_key_passphrase_file.clone(),
             token_lifetime_secs: self.token_lifetime_secs,
+            agent_listen: self.agent_listen.clone(),
         };
         Ok(ServerConfig::resolve(mode, file.overlay(flags), prompt_passphrase)?)
     }

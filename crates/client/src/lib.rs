@@ -11,12 +11,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
-use reqwest::{Method, StatusCode, Url};
+use reqwest::{StatusCode, Url};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use zeroize::Zeroizing;
 
 /// The api-version this client speaks.
+pub use reqwest::Method;
+
 pub const API_VERSION: &str = "2025-07-01";
 
 #[derive(Debug, Error)]
@@ -433,6 +435,23 @@ impl CofferClient {
         let url = format!("{}?force={force}", self.admin_url(&format!("vaults/{name}")));
         self.send(Method::DELETE, &url, None::<&()>).await?;
         Ok(())
+    }
+
+    /// A call to any admin API path (`/admin/{path}`); `Null` for an empty answer.
+    pub async fn admin(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value> {
+        let response = self.send(method, &self.admin_url(path), body).await?;
+        let bytes = Zeroizing::new(
+            response.bytes().await.map_err(|e| ClientError::Transport(e.to_string()))?.to_vec(),
+        );
+        if bytes.is_empty() {
+            return Ok(serde_json::Value::Null);
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
     }
 
     /// True when the status says "not found" (for callers that treat absence as a state).

@@ -6,5 +6,6 @@
 
 pub mod authz;
 pub mod crypto;
+pub mod identity;
 pub mod model;
 pub mod names;

@@ -29,6 +29,7 @@ pub struct FileConfig {
     pub root_key_file: Option<PathBuf>,
     pub root_key_passphrase_file: Option<PathBuf>,
     pub token_lifetime_secs: Option<u64>,
+    pub agent_listen: Option<String>,
 }
 
 impl FileConfig {
@@ -53,6 +54,7 @@ impl FileConfig {
             root_key_file: other.root_key_file.or(self.root_key_file),
             root_key_passphrase_file: other.root_key_passphrase_file.or(self.root_key_passphrase_file),
             token_lifetime_secs: other.token_lifetime_secs.or(self.token_lifetime_secs),
+            agent_listen: other.agent_listen.or(self.agent_listen),
         }
     }
 }
@@ -96,6 +98,8 @@ pub struct ServerConfig {
     pub tls: TlsSource,
     pub root_key: RootKeySource,
     pub token_lifetime_secs: u64,
+    /// Dev mode's in-process managed-identity endpoint (plain HTTP, loopback only).
+    pub agent_listen: Option<SocketAddr>,
 }
 
 fn check_readable(what: &'static str, path: &Path) -> Result<(), ConfigError> {
@@ -142,6 +146,22 @@ impl ServerConfig {
         }
         let public_port = file.public_port.unwrap_or(listen.port());
         let token_lifetime_secs = file.token_lifetime_secs.unwrap_or(3600);
+        let agent_listen = match &file.agent_listen {
+            Some(text) => {
+                let addr: SocketAddr = text.parse().map_err(|_| {
+                    ConfigError::Invalid(format!("agent listen address '{text}' is not IP:PORT"))
+                })?;
+                if !addr.ip().is_loopback() {
+                    return Err(ConfigError::Invalid(
+                        "the managed-identity endpoint must listen on loopback".into(),
+                    ));
+                }
+                Some(addr)
+            }
+            None => {
+                Some(SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), listen.port().wrapping_add(1)))
+            }
+        };
         if !(60..=86_400).contains(&token_lifetime_secs) {
             return Err(ConfigError::Invalid("token_lifetime_secs must be between 60 and 86400".into()));
         }
@@ -157,16 +177,20 @@ impl ServerConfig {
                     (Some(k), None) => RootKeySource::KeyFile(k),
                     (None, None) => RootKeySource::KeyFile(data_dir.join("root.key")),
                 };
+                // `adfs` lets unmodified EnvironmentCredential/MSAL skip instance discovery and
+                // ignore the challenge tenant (protocol doc §D.4).
+                let tenant_id = file.tenant_id.or_else(|| Some("adfs".into()));
                 Ok(Self {
                     mode,
                     data_dir,
                     listen,
                     zone,
                     public_port,
-                    tenant_id: file.tenant_id,
+                    tenant_id,
                     tls,
                     root_key,
                     token_lifetime_secs,
+                    agent_listen,
                 })
             }
             Mode::Production => {
@@ -226,6 +250,7 @@ impl ServerConfig {
                     tls: TlsSource::Files { cert, key },
                     root_key,
                     token_lifetime_secs,
+                    agent_listen: None,
                 })
             }
         }

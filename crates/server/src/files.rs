@@ -30,3 +30,10 @@ pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
     fs::create_dir_all(path)?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o700))
 }
+
+/// Creates the data directory: others may traverse it (to read the public CA certificate a
+/// workload running as another user needs) but not list it; every private file in it is 0600.
+pub fn create_data_dir(path: &Path) -> std::io::Result<()> {
+    fs::create_dir_all(path)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o711))
+}

@@ -6,7 +6,9 @@
 //! `ready`.
 
 pub mod api;
+pub mod broker;
 pub mod config;
+pub mod directory;
 pub mod files;
 pub mod keyring;
 pub mod serve;
@@ -20,7 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use coffer_core::authz::{Principal, PrincipalKind};
+use coffer_core::authz::{self, Principal, PrincipalKind};
+use coffer_core::identity::CredentialKind;
 use coffer_core::model::RetentionPolicy;
 use coffer_core::names::VaultName;
 use coffer_store::{SqliteStore, Store};
@@ -28,6 +31,7 @@ use tokio::sync::watch;
 
 use crate::api::AppState;
 use crate::config::{Mode, ServerConfig, TlsSource};
+use crate::directory::Directory;
 use crate::keyring::{Keyring, RootKeySource};
 use crate::tokens::TokenAuthority;
 use crate::vaults::VaultService;
@@ -46,17 +50,24 @@ pub struct Core {
     pub tenant_id: String,
     pub tokens: TokenAuthority,
     pub vaults: VaultService,
+    pub directory: Directory,
 }
 
 pub fn database_path(data_dir: &Path) -> PathBuf {
     data_dir.join("coffer.db")
 }
 
+pub const ADMIN_NAME: &str = "coffer-admin";
+pub const DEV_AGENT_NAME: &str = "dev-agent";
+/// The App Service protocol's `IDENTITY_HEADER` for the dev agent: an anti-SSRF marker that
+/// the SDKs echo back, not a credential (the agent attests the caller).
+pub const DEV_IDENTITY_HEADER: &str = "coffer-dev-agent";
+
 impl Core {
     /// Opens the data directory (creating it in dev mode) and unlocks the keys.
     pub async fn open(config: ServerConfig) -> anyhow::Result<Self> {
         if config.mode == Mode::Dev {
-            files::create_private_dir(&config.data_dir)
+            files::create_data_dir(&config.data_dir)
                 .with_context(|| format!("cannot create the data directory {}", config.data_dir.display()))?;
             if let RootKeySource::KeyFile(path) = &config.root_key {
                 if !path.exists() && !database_path(&config.data_dir).exists() {
@@ -86,30 +97,60 @@ impl Core {
         let tenant_id = config.tenant_id.clone().unwrap_or(stored_tenant);
         let issuer = format!("{}/v2.0", AppState::authority(&config.zone, config.public_port, &tenant_id));
         let audience = AppState::resource(&config.zone, config.public_port);
-        let tokens = TokenAuthority::load(store.as_ref(), &keyring, issuer, audience, tenant_id.clone())
-            .await
-            .context("cannot load the token-signing keys")?;
+        let tokens = TokenAuthority::load(
+            store.as_ref(),
+            &keyring,
+            issuer,
+            audience,
+            tenant_id.clone(),
+            config.token_lifetime_secs,
+        )
+        .await
+        .context("cannot load the token-signing keys")?;
         let vaults =
             VaultService::load(store.clone(), keyring.clone()).await.context("cannot load the vaults")?;
-        Ok(Self { config, store, keyring, tenant_id, tokens, vaults })
+        let directory = Directory::load(store.clone()).await.context("cannot load the identity directory")?;
+        let core = Self { config, store, keyring, tenant_id, tokens, vaults, directory };
+        core.ensure_admin().await?;
+        Ok(core)
     }
 
-    /// The built-in administrator principal, created on first use.
+    /// The built-in administrator, a service principal holding `Coffer Administrator` on `/`,
+    /// created on first start.
     pub async fn ensure_admin(&self) -> anyhow::Result<Principal> {
         let oid = String::from_utf8(
             self.store.init_meta(ADMIN_META, uuid::Uuid::new_v4().to_string().into_bytes()).await?,
         )?;
-        if let Some(p) = self.store.principal(&oid).await? {
-            return Ok(p);
-        }
+        let snapshot = self.directory.snapshot();
+        let existing = snapshot.principal(&oid).cloned();
         let principal = Principal {
-            object_id: oid,
-            display_name: "Coffer administrator".into(),
-            kind: PrincipalKind::User,
+            object_id: oid.clone(),
+            client_id: existing
+                .as_ref()
+                .map_or_else(|| uuid::Uuid::new_v4().to_string(), |p| p.client_id.clone()),
+            display_name: ADMIN_NAME.into(),
+            kind: PrincipalKind::ServicePrincipal,
             enabled: true,
-            administrator: true,
         };
-        self.store.put_principal(&principal).await?;
+        if existing.as_ref() != Some(&principal) {
+            self.store.put_principal(&principal).await?;
+        }
+        let has_role = snapshot.assignments.iter().any(|a| {
+            a.principal_id == oid
+                && a.role_id == authz::COFFER_ADMINISTRATOR
+                && a.scope == authz::Scope::Server
+        });
+        if !has_role {
+            self.store
+                .add_role_assignment(&authz::RoleAssignment {
+                    id: uuid::Uuid::new_v4().to_string(),
+                    principal_id: oid,
+                    role_id: authz::COFFER_ADMINISTRATOR.into(),
+                    scope: authz::Scope::Server,
+                })
+                .await?;
+        }
+        self.directory.reload().await?;
         Ok(principal)
     }
 
@@ -121,6 +162,14 @@ impl Core {
 
     pub fn server_url(&self) -> String {
         AppState::resource(&self.config.zone, self.config.public_port)
+    }
+
+    /// The dev agent principal, created on first use.
+    async fn ensure_dev_agent(&self) -> anyhow::Result<Principal> {
+        if let Some(p) = self.directory.snapshot().resolve(DEV_AGENT_NAME) {
+            return Ok(p.clone());
+        }
+        Ok(self.directory.create_principal(DEV_AGENT_NAME, PrincipalKind::Agent).await?)
     }
 }
 
@@ -158,23 +207,49 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> a
     };
     let tls_config = tls::server_config(resolver)?;
 
+    // Dev mode: the in-process agent's loopback endpoint, bound before the env files name it.
+    let agent_listener = match (config.mode, config.agent_listen) {
+        (Mode::Dev, Some(addr)) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen on {addr} for the managed-identity endpoint (pass --agent-listen)")
+        })?),
+        _ => None,
+    };
     if config.mode == Mode::Dev {
-        dev_bootstrap(&core).await?;
+        let agent_addr = agent_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+        dev_bootstrap(&core, agent_addr).await?;
     }
 
     let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| {
         format!("cannot listen on {} (is another server using the port? pass --listen)", config.listen)
     })?;
     let challenge = AppState::challenge_header(&config.zone, config.public_port, &core.tenant_id);
-    let Core { store, tokens, vaults, .. } = core;
+    let dev_agent = if config.mode == Mode::Dev { Some(core.ensure_dev_agent().await?) } else { None };
+    let Core { store, tokens, vaults, directory, keyring, .. } = core;
     let state = Arc::new(AppState {
         zone: config.zone.clone(),
         public_port: config.public_port,
         challenge,
         tokens,
         vaults,
+        directory,
+        federation_keys: Default::default(),
+        keyring,
         store,
     });
+    if let (Some(agent), Some(listener)) = (dev_agent, agent_listener) {
+        let broker = Arc::new(broker::LocalBroker { state: state.clone(), agent_id: agent.object_id });
+        let mut stop = shutdown.clone();
+        tokio::spawn(async move {
+            let stopped = async move {
+                let _ = stop.changed().await;
+            };
+            if let Err(e) =
+                coffer_agent::endpoint::serve(listener, DEV_IDENTITY_HEADER.into(), broker, stopped).await
+            {
+                tracing::error!(error = %e, "the dev managed-identity endpoint failed");
+            }
+        });
+    }
     spawn_purger(state.clone(), shutdown.clone());
     let app = api::router(state);
     println!(
@@ -205,12 +280,15 @@ fn spawn_purger(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
                 Ok(n) => tracing::info!(purged = n, "purged soft-deleted secrets past retention"),
                 Err(e) => tracing::warn!(error = %e, "purging expired soft-deleted secrets failed"),
             }
+            if let Err(e) = state.tokens.retire_old_keys(state.store.as_ref(), &state.keyring).await {
+                tracing::warn!(error = %e, "retiring old token-signing keys failed");
+            }
         }
     });
 }
 
 /// Dev mode: the `dev` vault, the administrator, `dev.env`, `admin.env` and a short how-to.
-async fn dev_bootstrap(core: &Core) -> anyhow::Result<()> {
+async fn dev_bootstrap(core: &Core, agent_addr: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
     let config = &core.config;
     let dev = VaultName::parse(DEV_VAULT).expect("valid vault name");
     if core.vaults.vault(DEV_VAULT).is_none() {
@@ -220,6 +298,13 @@ async fn dev_bootstrap(core: &Core) -> anyhow::Result<()> {
             .context("cannot create the dev vault")?;
     }
     let token = zeroize::Zeroizing::new(core.admin_token(DEV_ADMIN_TOKEN_SECS).await?);
+    // A fresh client secret per start (only its hash is stored), replacing the previous one.
+    let admin = core.ensure_admin().await?;
+    let secret = core.directory.add_secret(&admin.object_id, CredentialKind::ClientSecret, None).await?;
+    core.store
+        .delete_credentials(&admin.object_id, CredentialKind::ClientSecret, Some(&secret.credential_id))
+        .await?;
+    let authority = AppState::resource(&format!("login.{}", config.zone), config.public_port);
     let dir = std::fs::canonicalize(&config.data_dir)?;
     let ca = dir.join("ca.pem");
     let ca = ca.display();
@@ -228,16 +313,31 @@ async fn dev_bootstrap(core: &Core) -> anyhow::Result<()> {
     let ca_lines = format!(
         "export SSL_CERT_FILE='{ca}'\nexport REQUESTS_CA_BUNDLE='{ca}'\nexport NODE_EXTRA_CA_CERTS='{ca}'\n"
     );
+    let identity_lines = agent_addr
+        .map(|a| {
+            format!(
+                "export IDENTITY_ENDPOINT='http://{a}/msi/token'\nexport IDENTITY_HEADER='{DEV_IDENTITY_HEADER}'\n\
+                 export AZURE_POD_IDENTITY_AUTHORITY_HOST='http://{a}'\n"
+            )
+        })
+        .unwrap_or_default();
     let dev_env = format!(
-        "# Coffer dev server: what a workload needs.\nexport AZURE_KEYVAULT_URL='{vault_url}'\n{ca_lines}"
+        "# Coffer dev server: what a workload needs. No credential: the managed-identity endpoint\n\
+         # attests the calling process (bind it with `coffer identity bind`).\n\
+         export AZURE_KEYVAULT_URL='{vault_url}'\n{identity_lines}{ca_lines}"
     );
     files::replace_file(&dir.join("dev.env"), dev_env.as_bytes(), 0o644)?;
     let admin_env = zeroize::Zeroizing::new(format!(
         "# Coffer dev administrator: a bearer token valid for {} hours. Keep this file private.\n\
          export COFFER_URL='{server_url}'\nexport COFFER_TOKEN='{}'\nexport COFFER_VAULT='{DEV_VAULT}'\n\
-         export COFFER_CA_FILE='{ca}'\n{ca_lines}",
+         export COFFER_CA_FILE='{ca}'\n{ca_lines}\
+         export AZURE_TENANT_ID='{}'\nexport AZURE_CLIENT_ID='{}'\nexport AZURE_CLIENT_SECRET='{}'\n\
+         export AZURE_AUTHORITY_HOST='{authority}'\n",
         DEV_ADMIN_TOKEN_SECS / 3600,
-        &*token
+        &*token,
+        core.tenant_id,
+        admin.client_id,
+        &*secret.secret,
     ));
     files::replace_file(&dir.join("admin.env"), admin_env.as_bytes(), 0o600)?;
 

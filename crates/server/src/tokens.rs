@@ -3,6 +3,7 @@
 //! `aud`, `exp` and `nbf`, and requires `sub`.
 
 use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use coffer_store::Store;
@@ -49,23 +50,76 @@ pub struct Claims {
     pub exp: u64,
 }
 
-struct VerifyingKey {
-    key: DecodingKey,
+struct KeySet {
+    active_kid: String,
+    signing_key: EncodingKey,
+    verifying: HashMap<String, DecodingKey>,
+    /// Public JWKS entries, in the order keys were loaded.
+    jwks: Vec<serde_json::Value>,
 }
 
-/// Mints and verifies tokens for one issuer and audience.
+/// Mints and verifies tokens for one issuer and audience. Signing keys rotate: the new key
+/// signs, older keys keep verifying (and stay in the JWKS) for an overlap period.
 pub struct TokenAuthority {
     issuer: String,
     audience: String,
     tenant: String,
-    active_kid: String,
-    signing_key: EncodingKey,
-    verifying: HashMap<String, VerifyingKey>,
+    lifetime_secs: u64,
+    keys: RwLock<Arc<KeySet>>,
     validation: Validation,
 }
 
 fn signing_key_name(kid: &str) -> String {
     format!("token-signing:{kid}")
+}
+
+fn retired_meta(kid: &str) -> String {
+    format!("signing-key-retired:{kid}")
+}
+
+async fn new_signing_key(store: &dyn Store, keyring: &Keyring) -> Result<String, KeyringError> {
+    let kid = uuid::Uuid::new_v4().simple().to_string();
+    let pair = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| KeyringError::Corrupt(format!("generating a signing key: {e}")))?;
+    let der = zeroize::Zeroizing::new(pair.serialize_der());
+    store
+        .put_wrapped_key(&signing_key_name(&kid), keyring.wrap_material(&signing_key_name(&kid), &der))
+        .await?;
+    Ok(kid)
+}
+
+async fn load_keys(store: &dyn Store, keyring: &Keyring) -> Result<KeySet, KeyringError> {
+    let active_kid = match store.meta(ACTIVE_KID_META).await? {
+        Some(kid) => String::from_utf8(kid).map_err(|_| KeyringError::Corrupt(ACTIVE_KID_META.into()))?,
+        None => {
+            let kid = new_signing_key(store, keyring).await?;
+            String::from_utf8(store.init_meta(ACTIVE_KID_META, kid.into_bytes()).await?)
+                .map_err(|_| KeyringError::Corrupt(ACTIVE_KID_META.into()))?
+        }
+    };
+    let mut verifying = HashMap::new();
+    let mut jwks = Vec::new();
+    let mut signing_key = None;
+    for (name, blob) in store.wrapped_keys().await? {
+        let Some(kid) = name.strip_prefix("token-signing:") else { continue };
+        let der = keyring.unwrap_material(&name, &blob)?;
+        let pair = KeyPair::try_from(der.as_slice()).map_err(|_| KeyringError::Corrupt(name.clone()))?;
+        let point = pair.public_key_raw();
+        verifying.insert(kid.to_owned(), DecodingKey::from_ec_der(point));
+        let b64 = |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, b);
+        // An uncompressed P-256 point: 0x04 || x (32 bytes) || y (32 bytes).
+        if point.len() == 65 {
+            jwks.push(serde_json::json!({
+                "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
+                "x": b64(&point[1..33]), "y": b64(&point[33..]),
+            }));
+        }
+        if kid == active_kid {
+            signing_key = Some(EncodingKey::from_ec_der(&der));
+        }
+    }
+    let signing_key = signing_key.ok_or_else(|| KeyringError::Corrupt(signing_key_name(&active_kid)))?;
+    Ok(KeySet { active_kid, signing_key, verifying, jwks })
 }
 
 impl TokenAuthority {
@@ -76,40 +130,9 @@ impl TokenAuthority {
         issuer: String,
         audience: String,
         tenant: String,
+        lifetime_secs: u64,
     ) -> Result<Self, KeyringError> {
-        let active_kid = match store.meta(ACTIVE_KID_META).await? {
-            Some(kid) => String::from_utf8(kid).map_err(|_| KeyringError::Corrupt(ACTIVE_KID_META.into()))?,
-            None => {
-                let kid = uuid::Uuid::new_v4().simple().to_string();
-                let pair = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-                    .map_err(|e| KeyringError::Corrupt(format!("generating a signing key: {e}")))?;
-                let der = zeroize::Zeroizing::new(pair.serialize_der());
-                store
-                    .put_wrapped_key(
-                        &signing_key_name(&kid),
-                        keyring.wrap_material(&signing_key_name(&kid), &der),
-                    )
-                    .await?;
-                String::from_utf8(store.init_meta(ACTIVE_KID_META, kid.into_bytes()).await?)
-                    .map_err(|_| KeyringError::Corrupt(ACTIVE_KID_META.into()))?
-            }
-        };
-        let mut verifying = HashMap::new();
-        let mut signing_key = None;
-        for (name, blob) in store.wrapped_keys().await? {
-            let Some(kid) = name.strip_prefix("token-signing:") else { continue };
-            let der = keyring.unwrap_material(&name, &blob)?;
-            let pair = KeyPair::try_from(der.as_slice()).map_err(|_| KeyringError::Corrupt(name.clone()))?;
-            verifying.insert(
-                kid.to_owned(),
-                VerifyingKey { key: DecodingKey::from_ec_der(pair.public_key_raw()) },
-            );
-            if kid == active_kid {
-                signing_key = Some(EncodingKey::from_ec_der(&der));
-            }
-        }
-        let signing_key = signing_key.ok_or_else(|| KeyringError::Corrupt(signing_key_name(&active_kid)))?;
-
+        let keys = load_keys(store, keyring).await?;
         let mut validation = Validation::new(Algorithm::ES256);
         validation.algorithms = vec![Algorithm::ES256];
         validation.set_issuer(&[&issuer]);
@@ -118,7 +141,7 @@ impl TokenAuthority {
         validation.validate_exp = true;
         validation.validate_nbf = true;
         validation.leeway = CLOCK_SKEW_SECS;
-        Ok(Self { issuer, audience, tenant, active_kid, signing_key, verifying, validation })
+        Ok(Self { issuer, audience, tenant, lifetime_secs, keys: RwLock::new(Arc::new(keys)), validation })
     }
 
     pub fn issuer(&self) -> &str {
@@ -127,6 +150,24 @@ impl TokenAuthority {
 
     pub fn audience(&self) -> &str {
         &self.audience
+    }
+
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    /// The configured lifetime of access tokens.
+    pub fn lifetime_secs(&self) -> u64 {
+        self.lifetime_secs
+    }
+
+    fn keys(&self) -> Arc<KeySet> {
+        self.keys.read().expect("token key lock poisoned").clone()
+    }
+
+    /// The public keys as a JWKS document.
+    pub fn jwks(&self) -> serde_json::Value {
+        serde_json::json!({ "keys": self.keys().jwks })
     }
 
     /// Issues a token for `object_id`, valid for `lifetime_secs` from now.
@@ -142,10 +183,11 @@ impl TokenAuthority {
             nbf: now,
             exp: now + lifetime_secs,
         };
+        let keys = self.keys();
         let mut header = Header::new(Algorithm::ES256);
-        header.kid = Some(self.active_kid.clone());
+        header.kid = Some(keys.active_kid.clone());
         // Invariant: ES256 signing with a key we generated cannot fail.
-        let token = jsonwebtoken::encode(&header, &claims, &self.signing_key).expect("ES256 signing");
+        let token = jsonwebtoken::encode(&header, &claims, &keys.signing_key).expect("ES256 signing");
         (token, claims)
     }
 
@@ -156,8 +198,9 @@ impl TokenAuthority {
             return Err(TokenError::Algorithm);
         }
         let kid = header.kid.ok_or(TokenError::UnknownKey)?;
-        let key = self.verifying.get(&kid).ok_or(TokenError::UnknownKey)?;
-        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &self.validation).map_err(|e| {
+        let keys = self.keys();
+        let key = keys.verifying.get(&kid).ok_or(TokenError::UnknownKey)?;
+        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind as K;
             match e.kind() {
                 K::InvalidSignature => TokenError::Signature,
@@ -170,6 +213,40 @@ impl TokenAuthority {
             }
         })?;
         Ok(data.claims)
+    }
+
+    /// Starts signing with a new key. The previous key keeps verifying until
+    /// [`TokenAuthority::retire_old_keys`] removes it after the overlap.
+    pub async fn rotate(&self, store: &dyn Store, keyring: &Keyring) -> Result<String, KeyringError> {
+        let old = self.keys().active_kid.clone();
+        let kid = new_signing_key(store, keyring).await?;
+        store.put_meta(&retired_meta(&old), unix_now().to_string().into_bytes()).await?;
+        store.put_meta(ACTIVE_KID_META, kid.clone().into_bytes()).await?;
+        let keys = load_keys(store, keyring).await?;
+        *self.keys.write().expect("token key lock poisoned") = Arc::new(keys);
+        Ok(kid)
+    }
+
+    /// Removes keys retired longer ago than the token lifetime plus clock skew: no token they
+    /// signed can still be valid.
+    pub async fn retire_old_keys(&self, store: &dyn Store, keyring: &Keyring) -> Result<usize, KeyringError> {
+        let keys = self.keys();
+        let cutoff = unix_now().saturating_sub(self.lifetime_secs.max(86_400) + CLOCK_SKEW_SECS);
+        let mut removed = 0;
+        for kid in keys.verifying.keys().filter(|k| **k != keys.active_kid) {
+            let retired = store.meta(&retired_meta(kid)).await?;
+            let retired_at =
+                retired.and_then(|r| String::from_utf8(r).ok()).and_then(|t| t.parse::<u64>().ok());
+            if retired_at.is_some_and(|t| t < cutoff) {
+                store.delete_wrapped_key(&signing_key_name(kid)).await?;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            let keys = load_keys(store, keyring).await?;
+            *self.keys.write().expect("token key lock poisoned") = Arc::new(keys);
+        }
+        Ok(removed)
     }
 }
 
@@ -193,6 +270,7 @@ mod tests {
             "https://login.localhost:1/t/v2.0".into(),
             "https://localhost:1".into(),
             "t".into(),
+            3600,
         )
         .await
         .unwrap();
@@ -229,8 +307,9 @@ mod tests {
         let (good, claims) = ta.issue("oid", 600);
         assert_eq!(ta.verify(&good).unwrap(), claims);
 
-        let kid = ta.active_kid.clone();
-        let own = &ta.signing_key;
+        let keys = ta.keys();
+        let kid = keys.active_kid.clone();
+        let own = &keys.signing_key;
         let foreign_pair = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let foreign = EncodingKey::from_ec_der(&foreign_pair.serialize_der());
         let cases: Vec<(String, TokenError)> = vec![
@@ -280,10 +359,17 @@ mod tests {
         let root = Key::generate();
         let store = SqliteStore::open(&dir.path().join("db")).unwrap();
         let keyring = Keyring::open(&store, root.clone()).await.unwrap();
-        let load = || TokenAuthority::load(&store, &keyring, "i".into(), "a".into(), "t".into());
+        let load = || TokenAuthority::load(&store, &keyring, "i".into(), "a".into(), "t".into(), 3600);
         let first = load().await.unwrap();
         let (token, _) = first.issue("oid", 600);
         let second = load().await.unwrap();
         assert!(second.verify(&token).is_ok(), "a restart keeps the signing key");
+        // Rotation: new tokens use the new key, old tokens still verify during the overlap.
+        let new_kid = second.rotate(&store, &keyring).await.unwrap();
+        let (fresh, _) = second.issue("oid", 600);
+        assert_eq!(jsonwebtoken::decode_header(&fresh).unwrap().kid.as_deref(), Some(new_kid.as_str()));
+        assert!(second.verify(&token).is_ok(), "the old key keeps verifying during the overlap");
+        assert_eq!(second.jwks()["keys"].as_array().unwrap().len(), 2);
+        assert_eq!(second.retire_old_keys(&store, &keyring).await.unwrap(), 0, "too early to retire");
     }
 }

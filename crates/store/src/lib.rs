@@ -10,8 +10,9 @@
 mod sqlite;
 
 use async_trait::async_trait;
-use coffer_core::authz::Principal;
+use coffer_core::authz::{Principal, RoleAssignment, RoleDefinition};
 use coffer_core::crypto::SealedValue;
+use coffer_core::identity::{Binding, CredentialKind, CredentialRecord, FederatedCredential};
 use coffer_core::model::{
     Deletion, PropertiesPatch, RetentionPolicy, Timestamp, ValidationError, VersionProperties,
 };
@@ -71,22 +72,62 @@ pub struct DeletedSecret {
     pub latest: VersionProperties,
 }
 
+/// Principals, credentials, group memberships, role definitions and assignments, bindings and
+/// federated credentials. The server keeps an in-memory snapshot of everything but credentials
+/// and rebuilds it after each change.
+#[async_trait]
+pub trait DirectoryStore: Send + Sync + 'static {
+    async fn principals(&self) -> Result<Vec<Principal>>;
+    /// Inserts or replaces a principal. `NameExists` if another principal has its name.
+    async fn put_principal(&self, principal: &Principal) -> Result<()>;
+    /// Deletes a principal with its credentials, memberships, assignments and bindings.
+    async fn delete_principal(&self, object_id: &str) -> Result<()>;
+    /// (group id, member id) pairs.
+    async fn memberships(&self) -> Result<Vec<(String, String)>>;
+    async fn add_member(&self, group_id: &str, member_id: &str) -> Result<()>;
+    async fn remove_member(&self, group_id: &str, member_id: &str) -> Result<bool>;
+    async fn credentials(&self, principal_id: &str, kind: CredentialKind) -> Result<Vec<CredentialRecord>>;
+    async fn credential(&self, id: &str) -> Result<Option<CredentialRecord>>;
+    async fn add_credential(&self, credential: &CredentialRecord) -> Result<()>;
+    /// Deletes credentials of a kind, keeping `keep` (used to replace dev credentials).
+    async fn delete_credentials(
+        &self,
+        principal_id: &str,
+        kind: CredentialKind,
+        keep: Option<&str>,
+    ) -> Result<u64>;
+    /// Deletes one credential; true if it existed. Consuming a one-time token relies on this
+    /// being atomic: only one caller gets `true`.
+    async fn take_credential(&self, id: &str) -> Result<bool>;
+    async fn custom_roles(&self) -> Result<Vec<RoleDefinition>>;
+    async fn put_custom_role(&self, role: &RoleDefinition) -> Result<()>;
+    async fn delete_custom_role(&self, id: &str) -> Result<bool>;
+    async fn role_assignments(&self) -> Result<Vec<RoleAssignment>>;
+    /// `NameExists` if the same principal, role and scope are already assigned.
+    async fn add_role_assignment(&self, assignment: &RoleAssignment) -> Result<()>;
+    async fn delete_role_assignment(&self, id: &str) -> Result<bool>;
+    async fn bindings(&self) -> Result<Vec<Binding>>;
+    async fn add_binding(&self, binding: &Binding) -> Result<()>;
+    async fn delete_binding(&self, id: &str) -> Result<bool>;
+    async fn federated_credentials(&self) -> Result<Vec<FederatedCredential>>;
+    async fn add_federated_credential(&self, credential: &FederatedCredential) -> Result<()>;
+    async fn delete_federated_credential(&self, id: &str) -> Result<bool>;
+}
+
 /// The persistence seam. Implementations: [`SqliteStore`] (embedded default).
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: DirectoryStore {
     // -- server metadata and wrapped keys --------------------------------------------------
     async fn meta(&self, key: &str) -> Result<Option<Vec<u8>>>;
     /// Sets `key` unless it is set already; returns the value now stored.
     async fn init_meta(&self, key: &str, value: Vec<u8>) -> Result<Vec<u8>>;
+    async fn put_meta(&self, key: &str, value: Vec<u8>) -> Result<()>;
     async fn wrapped_key(&self, name: &str) -> Result<Option<Vec<u8>>>;
+    async fn delete_wrapped_key(&self, name: &str) -> Result<()>;
     async fn wrapped_keys(&self) -> Result<Vec<(String, Vec<u8>)>>;
     async fn put_wrapped_key(&self, name: &str, blob: Vec<u8>) -> Result<()>;
     /// Replaces every wrapped key in one transaction (root-key rotation).
     async fn replace_wrapped_keys(&self, keys: Vec<(String, Vec<u8>)>) -> Result<()>;
-
-    // -- principals -------------------------------------------------------------------------
-    async fn put_principal(&self, principal: &Principal) -> Result<()>;
-    async fn principal(&self, object_id: &str) -> Result<Option<Principal>>;
 
     // -- vaults -----------------------------------------------------------------------------
     /// Creates a vault and stores its wrapped KEK atomically. `NameExists` if taken.

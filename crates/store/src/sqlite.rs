@@ -7,13 +7,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use coffer_core::authz::{Principal, PrincipalKind};
 use coffer_core::crypto::SealedValue;
 use coffer_core::model::{
     Deletion, PropertiesPatch, RetentionPolicy, Tags, Timestamp, VersionAttributes, VersionProperties,
 };
 use coffer_core::names::{SecretName, VaultName};
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
+
+mod directory;
 
 use crate::{DeletedSecret, Result, SecretSummary, Store, StoreError, StoredVersion, VaultRecord};
 
@@ -148,6 +149,12 @@ fn migrate(conn: &Connection) -> Result<()> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if version < 1 {
         conn.execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA_V1} PRAGMA user_version = 1; COMMIT;"))?;
+    }
+    if version < 2 {
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {} PRAGMA user_version = 2; COMMIT;",
+            directory::SCHEMA_V2
+        ))?;
     }
     Ok(())
 }
@@ -301,6 +308,24 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn put_meta(&self, key: &str, value: Vec<u8>) -> Result<()> {
+        let key = key.to_owned();
+        self.write(move |tx| {
+            tx.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)", params![key, value])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_wrapped_key(&self, name: &str) -> Result<()> {
+        let name = name.to_owned();
+        self.write(move |tx| {
+            tx.execute("DELETE FROM wrapped_keys WHERE name = ?1", params![name])?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn wrapped_key(&self, name: &str) -> Result<Option<Vec<u8>>> {
         let name = name.to_owned();
         self.read(move |c| {
@@ -348,39 +373,6 @@ impl Store for SqliteStore {
                 }
             }
             Ok(())
-        })
-        .await
-    }
-
-    async fn put_principal(&self, p: &Principal) -> Result<()> {
-        let p = p.clone();
-        self.write(move |tx| {
-            tx.execute(
-                "INSERT OR REPLACE INTO principals (object_id, display_name, kind, enabled, administrator)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![p.object_id, p.display_name, p.kind.as_str(), p.enabled, p.administrator],
-            )?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn principal(&self, object_id: &str) -> Result<Option<Principal>> {
-        let object_id = object_id.to_owned();
-        self.read(move |c| {
-            let row = c
-                .prepare_cached(
-                    "SELECT object_id, display_name, kind, enabled, administrator FROM principals WHERE object_id = ?1",
-                )?
-                .query_row(params![object_id], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get(3)?, r.get(4)?))
-                })
-                .optional()?;
-            row.map(|(object_id, display_name, kind, enabled, administrator)| {
-                let kind = PrincipalKind::parse(&kind).ok_or_else(|| backend(format!("unknown principal kind {kind}")))?;
-                Ok(Principal { object_id, display_name, kind, enabled, administrator })
-            })
-            .transpose()
         })
         .await
     }

@@ -48,7 +48,7 @@ impl TestServer {
         let mut child = Command::new(BIN)
             .args(["server", "--dev", "--data-dir"])
             .arg(data_dir)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--agent-listen", "127.0.0.1:0"])
             .args(extra_args)
             .env("COFFER_LOG", "info")
             .stdout(Stdio::piped())

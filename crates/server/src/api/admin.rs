@@ -6,7 +6,8 @@ use std::sync::Arc;
 use axum::extract::Request;
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use coffer_core::authz::{authorize, Action, Scope};
+use coffer_core::authz::Principal;
+use coffer_core::authz::{Action, Resource};
 use coffer_core::model::RetentionPolicy;
 use coffer_core::names::VaultName;
 use coffer_store::VaultRecord;
@@ -74,6 +75,21 @@ fn ok<T: Serialize>(status: StatusCode, body: &T) -> Result<Response, ApiError> 
     Ok(json_response(status, text))
 }
 
+fn allow(
+    state: &AppState,
+    principal: &Principal,
+    action: Action,
+    resource: Resource<'_>,
+) -> Result<(), ApiError> {
+    state
+        .directory
+        .snapshot()
+        .rbac
+        .authorize(principal, action, resource)
+        .map(|_| ())
+        .map_err(super::forbidden_by_rbac)
+}
+
 pub(super) async fn handle(state: &Arc<AppState>, req: Request) -> Response {
     handle_inner(state, req).await.unwrap_or_else(IntoResponse::into_response)
 }
@@ -87,16 +103,20 @@ async fn handle_inner(state: &Arc<AppState>, req: Request) -> Result<Response, A
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().trim_end_matches('/');
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if segments.get(1).is_some_and(|s| *s != "vaults") {
+        let handled = super::directory::handle(state, &principal, &parts.method, &segments, body).await;
+        return handled.unwrap_or_else(|| {
+            Err(ApiError::not_found("NotFound", "The requested path does not exist in the admin API."))
+        });
+    }
     match (segments.as_slice(), &parts.method) {
         (["admin", "vaults"], &Method::GET) => {
-            authorize(&principal, Action::VaultRead, Scope::Server)
-                .map_err(|d| ApiError::forbidden(d.to_string()))?;
+            allow(state, &principal, Action::VaultRead, Resource::Server)?;
             let value: Vec<_> = state.vaults.vaults().iter().map(|v| vault_out(state, v, None)).collect();
             ok(StatusCode::OK, &serde_json::json!({ "value": value }))
         }
         (["admin", "vaults"], &Method::POST) => {
-            authorize(&principal, Action::VaultManage, Scope::Server)
-                .map_err(|d| ApiError::forbidden(d.to_string()))?;
+            allow(state, &principal, Action::VaultWrite, Resource::Server)?;
             let body = read_body(body, 64 * 1024).await?;
             let req: CreateVault = serde_json::from_slice(&body)
                 .map_err(|e| ApiError::bad_parameter(format!("The request body is not valid: {e}")))?;
@@ -112,16 +132,14 @@ async fn handle_inner(state: &Arc<AppState>, req: Request) -> Result<Response, A
             ok(StatusCode::CREATED, &vault_out(state, &record, Some((0, 0))))
         }
         (["admin", "vaults", name], &Method::GET) => {
-            authorize(&principal, Action::VaultRead, Scope::Vault { vault: name })
-                .map_err(|d| ApiError::forbidden(d.to_string()))?;
+            allow(state, &principal, Action::VaultRead, Resource::Vault(name))?;
             let vault =
                 state.vaults.vault(&name.to_ascii_lowercase()).ok_or_else(|| vault_not_found(name))?;
             let counts = state.vaults.vault_counts(&vault).await.map_err(|e| vault_error(e, name))?;
             ok(StatusCode::OK, &vault_out(state, &vault.record, Some(counts)))
         }
         (["admin", "vaults", name], &Method::DELETE) => {
-            authorize(&principal, Action::VaultManage, Scope::Vault { vault: name })
-                .map_err(|d| ApiError::forbidden(d.to_string()))?;
+            allow(state, &principal, Action::VaultDelete, Resource::Vault(name))?;
             let force = query_value(&pairs, "force") == Some("true");
             state
                 .vaults

@@ -7,7 +7,7 @@ use axum::extract::Request;
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
-use coffer_core::authz::{authorize, Action, Scope};
+use coffer_core::authz::{Action, Resource};
 use coffer_core::crypto::SecretValue;
 use coffer_core::model::{PropertiesPatch, RetentionPolicy, Tags, VersionProperties};
 use coffer_core::names::SecretName;
@@ -46,7 +46,7 @@ impl Route<'_> {
             Route::Set(_) => Action::SecretSet,
             Route::Get(..) => Action::SecretGet,
             Route::List | Route::ListVersions(_) | Route::GetDeleted(_) | Route::ListDeleted => {
-                Action::SecretList
+                Action::SecretReadMetadata
             }
             Route::Update(..) => Action::SecretUpdate,
             Route::Delete(_) => Action::SecretDelete,
@@ -163,11 +163,13 @@ async fn handle_inner(
         .transpose()?;
 
     // 2. Authorize: one decision per request, before any data is read or written.
-    let scope = match &name {
-        Some(n) => Scope::Secret { vault: vault.record.name.as_str(), secret: n.as_str() },
-        None => Scope::Vault { vault: vault.record.name.as_str() },
+    let resource = match &name {
+        Some(n) => Resource::Secret(vault.record.name.as_str(), n.as_str()),
+        None => Resource::Vault(vault.record.name.as_str()),
     };
-    authorize(&principal, route.action(), scope).map_err(|denial| ApiError::forbidden(denial.to_string()))?;
+    let snapshot = state.directory.snapshot();
+    let _grant =
+        snapshot.rbac.authorize(&principal, route.action(), resource).map_err(super::forbidden_by_rbac)?;
 
     // 3. Execute.
     let limit = if route == Route::Restore { RESTORE_BODY_LIMIT } else { BODY_LIMIT };
@@ -230,7 +232,11 @@ async fn handle_inner(
             let (limit, after) = page_params(&pairs)?;
             let after = after.map(|t| t.parse::<i64>().map_err(|_| bad_skiptoken())).transpose()?;
             let name = name_ref.expect("named");
-            let mut items = svc.list_versions(&vault, name, after, limit + 1).await.map_err(fail(None))?;
+            // Key Vault answers an empty list for a secret that does not exist.
+            let mut items = match svc.list_versions(&vault, name, after, limit + 1).await {
+                Err(crate::vaults::ServiceError::NotFound) => Vec::new(),
+                other => other.map_err(fail(None))?,
+            };
             let next =
                 more(&mut items, limit).then(|| items.last().map(|(seq, _, _)| seq.to_string())).flatten();
             let value: Vec<_> = items.iter().map(|(_, display, p)| ctx.item(display, p, true)).collect();

@@ -10,7 +10,9 @@
 //! execute, respond. Every response carries `x-ms-request-id`.
 
 mod admin;
+mod directory;
 mod error;
+mod identity;
 mod keyvault;
 
 use std::net::SocketAddr;
@@ -25,7 +27,10 @@ use axum::Router;
 use coffer_core::authz::Principal;
 use coffer_store::Store;
 pub use error::ApiError;
+pub use identity::FederationKeys;
 
+use crate::directory::Directory;
+use crate::keyring::Keyring;
 use crate::tokens::TokenAuthority;
 use crate::vaults::VaultService;
 
@@ -37,6 +42,9 @@ pub struct AppState {
     pub challenge: HeaderValue,
     pub tokens: TokenAuthority,
     pub vaults: VaultService,
+    pub directory: Directory,
+    pub federation_keys: FederationKeys,
+    pub keyring: Arc<Keyring>,
     pub store: Arc<dyn Store>,
 }
 
@@ -122,7 +130,8 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response 
     match target(&state.zone, host.as_deref()) {
         Target::Vault(vault) => keyvault::handle(&state, vault, host.unwrap_or_default(), req).await,
         Target::Root => admin::handle(&state, req).await,
-        Target::Login | Target::Unknown => {
+        Target::Login => identity::handle(&state, &host.unwrap_or_default(), req).await,
+        Target::Unknown => {
             ApiError::not_found("NotFound", "No service is served at this host name.").into_response()
         }
     }
@@ -154,16 +163,21 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal
         .tokens
         .verify(token)
         .map_err(|e| unauthorized(&format!("The access token is not valid: {e}.")))?;
-    let principal = state
-        .store
+    // The directory snapshot is current: a disabled or deleted principal fails here on the
+    // very next request, whatever its token's expiry.
+    let snapshot = state.directory.snapshot();
+    let principal = snapshot
         .principal(&claims.oid)
-        .await
-        .map_err(|e| ApiError::internal(&e.to_string()))?
         .ok_or_else(|| unauthorized("The access token's principal does not exist."))?;
-    if !principal.enabled {
+    if !principal.enabled || principal.kind == coffer_core::authz::PrincipalKind::Group {
         return Err(unauthorized("The access token's principal is disabled."));
     }
-    Ok(principal)
+    Ok(principal.clone())
+}
+
+/// Turns a denial into Key Vault's RBAC error.
+pub(crate) fn forbidden_by_rbac(denial: coffer_core::authz::Denial) -> ApiError {
+    ApiError::forbidden(denial.to_string()).with_inner("ForbiddenByRbac")
 }
 
 /// Reads the request body up to `limit` bytes.

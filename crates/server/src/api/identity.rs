@@ -1,0 +1,460 @@
+//! The token service at `login.<zone>`: OpenID configuration, JWKS, the OAuth 2.0 token
+//! endpoint (client secret, federated or certificate assertion, password), and the agent
+//! endpoints (join, managed-identity token brokering).
+//!
+//! Paths follow Entra's (`/{tenant}/v2.0/.well-known/openid-configuration`,
+//! `/{tenant}/oauth2/v2.0/token`, `/{tenant}/discovery/v2.0/keys`) and AD FS's (`/adfs/…`),
+//! which MSAL uses without instance discovery (protocol doc §D.3–D.4).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::Request;
+use axum::http::{header, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use coffer_agent::{BrokerError, BrokerRequest};
+use coffer_core::authz::{Principal, PrincipalKind};
+use coffer_core::identity::{CredentialKind, FederatedCredential};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use serde_json::json;
+use zeroize::Zeroizing;
+
+use super::{read_body, AppState};
+use crate::tokens::unix_now;
+
+/// An OAuth error, in Entra's shape.
+struct OAuthError {
+    status: StatusCode,
+    error: &'static str,
+    code: u32,
+    description: String,
+}
+
+impl OAuthError {
+    fn new(status: StatusCode, error: &'static str, code: u32, description: impl Into<String>) -> Self {
+        Self { status, error, code, description: description.into() }
+    }
+
+    fn invalid_client(description: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "invalid_client", 7000215, description)
+    }
+
+    fn invalid_request(description: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", 900144, description)
+    }
+}
+
+impl IntoResponse for OAuthError {
+    fn into_response(self) -> Response {
+        let id = uuid::Uuid::new_v4().to_string();
+        let body = json!({
+            "error": self.error,
+            "error_description": format!("AADSTS{}: {}", self.code, self.description),
+            "error_codes": [self.code],
+            "timestamp": time_text(),
+            "trace_id": id,
+            "correlation_id": id,
+        });
+        json_ok(self.status, body)
+    }
+}
+
+fn time_text() -> String {
+    unix_now().to_string()
+}
+
+fn json_ok(status: StatusCode, body: serde_json::Value) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json; charset=utf-8")], body.to_string()).into_response()
+}
+
+pub(super) async fn handle(state: &Arc<AppState>, host: &str, req: Request) -> Response {
+    let path = req.uri().path().trim_end_matches('/').to_owned();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let base = format!("https://{host}");
+    match (req.method(), segments.as_slice()) {
+        (&Method::GET, ["adfs", ".well-known", "openid-configuration"]) => json_ok(
+            StatusCode::OK,
+            openid_configuration(state, &base, "adfs", "/adfs/oauth2/token", "/adfs/discovery/keys"),
+        ),
+        (&Method::GET, [tenant, "v2.0", ".well-known", "openid-configuration"]) => {
+            let token = format!("/{tenant}/oauth2/v2.0/token");
+            let keys = format!("/{tenant}/discovery/v2.0/keys");
+            json_ok(StatusCode::OK, openid_configuration(state, &base, tenant, &token, &keys))
+        }
+        (&Method::GET, [_, "discovery", "v2.0", "keys"] | ["adfs", "discovery", "keys"]) => {
+            json_ok(StatusCode::OK, state.tokens.jwks())
+        }
+        (&Method::GET, ["common", "discovery", "instance"]) => json_ok(
+            StatusCode::OK,
+            json!({
+                "tenant_discovery_endpoint": format!("{base}/{}/v2.0/.well-known/openid-configuration", state.tokens.tenant()),
+                "api-version": "1.1",
+                "metadata": [],
+            }),
+        ),
+        (
+            &Method::POST,
+            [_, "oauth2", "v2.0", "token"] | ["adfs", "oauth2", "token"] | [_, "oauth2", "token"],
+        ) => token_endpoint(state, &base, req).await.unwrap_or_else(IntoResponse::into_response),
+        (&Method::POST, ["coffer", "agents", "join"]) => {
+            agent_join(state, req).await.unwrap_or_else(IntoResponse::into_response)
+        }
+        (&Method::POST, ["coffer", "agents", "token"]) => {
+            agent_token(state, req).await.unwrap_or_else(IntoResponse::into_response)
+        }
+        _ => OAuthError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            90002,
+            "No such endpoint at the token service.",
+        )
+        .into_response(),
+    }
+}
+
+fn openid_configuration(
+    state: &AppState,
+    base: &str,
+    tenant: &str,
+    token_path: &str,
+    keys_path: &str,
+) -> serde_json::Value {
+    let issuer = if tenant == "adfs" { format!("{base}/adfs") } else { state.tokens.issuer().to_owned() };
+    json!({
+        "issuer": issuer,
+        "authorization_endpoint": format!("{base}/{tenant}/oauth2/v2.0/authorize"),
+        "token_endpoint": format!("{base}{token_path}"),
+        "jwks_uri": format!("{base}{keys_path}"),
+        "response_types_supported": ["token"],
+        "subject_types_supported": ["pairwise"],
+        "id_token_signing_alg_values_supported": ["ES256"],
+        "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt"],
+        "grant_types_supported": ["client_credentials", "password"],
+        "tenant_region_scope": null,
+    })
+}
+
+async fn form(req: Request) -> Result<Vec<(String, Zeroizing<String>)>, OAuthError> {
+    let body = read_body(req.into_body(), 1024 * 1024)
+        .await
+        .map_err(|_| OAuthError::invalid_request("The request body is too large."))?;
+    let body = Zeroizing::new(body.to_vec());
+    Ok(form_urlencoded::parse(&body).map(|(k, v)| (k.into_owned(), Zeroizing::new(v.into_owned()))).collect())
+}
+
+fn field<'a>(form: &'a [(String, Zeroizing<String>)], key: &str) -> Option<&'a str> {
+    form.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty())
+}
+
+async fn token_endpoint(state: &Arc<AppState>, base: &str, req: Request) -> Result<Response, OAuthError> {
+    let path = req.uri().path().to_owned();
+    let form = form(req).await?;
+    let scope = field(&form, "scope").unwrap_or_default();
+    let resource = scope.split_whitespace().find_map(|s| s.strip_suffix("/.default")).ok_or_else(|| {
+        OAuthError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_scope",
+            70011,
+            "The scope must be '<resource>/.default'.",
+        )
+    })?;
+    if resource.trim_end_matches('/') != state.tokens.audience() {
+        return Err(OAuthError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_resource",
+            500011,
+            format!(
+                "The resource principal named {resource} was not found; this server serves {}.",
+                state.tokens.audience()
+            ),
+        ));
+    }
+    let principal = match field(&form, "grant_type") {
+        Some("client_credentials") => client_credentials(state, base, &path, &form).await?,
+        Some("password") => password_grant(state, &form).await?,
+        Some(other) => {
+            return Err(OAuthError::new(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                70003,
+                format!("The grant type '{other}' is not supported."),
+            ))
+        }
+        None => return Err(OAuthError::invalid_request("The request body must contain 'grant_type'.")),
+    };
+    let lifetime = state.tokens.lifetime_secs();
+    let (token, _) = state.tokens.issue(&principal.object_id, lifetime);
+    tracing::info!(principal = %principal.display_name, kind = principal.kind.as_str(), "issued an access token");
+    Ok(json_ok(
+        StatusCode::OK,
+        json!({ "token_type": "Bearer", "expires_in": lifetime, "ext_expires_in": lifetime, "access_token": token }),
+    ))
+}
+
+fn usable(principal: Option<&Principal>, kinds: &[PrincipalKind]) -> Option<Principal> {
+    principal.filter(|p| p.enabled && kinds.contains(&p.kind)).cloned()
+}
+
+async fn client_credentials(
+    state: &Arc<AppState>,
+    base: &str,
+    path: &str,
+    form: &[(String, Zeroizing<String>)],
+) -> Result<Principal, OAuthError> {
+    let client_id =
+        field(form, "client_id").ok_or_else(|| OAuthError::invalid_request("client_id is required."))?;
+    let snapshot = state.directory.snapshot();
+    let unknown = || {
+        OAuthError::invalid_client(format!(
+            "Application with identifier '{client_id}' was not found or is disabled."
+        ))
+    };
+    let principal =
+        usable(snapshot.by_client_id(client_id), &[PrincipalKind::ServicePrincipal, PrincipalKind::Agent])
+            .ok_or_else(unknown)?;
+    if let Some(secret) = field(form, "client_secret") {
+        let ok = state
+            .directory
+            .verify_secret(&principal.object_id, CredentialKind::ClientSecret, secret)
+            .await
+            .map_err(|e| {
+                OAuthError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", 50000, e.to_string())
+            })?;
+        return match ok {
+            Some(_) => Ok(principal),
+            None => Err(OAuthError::invalid_client("Invalid client secret provided.")),
+        };
+    }
+    if let Some(assertion) = field(form, "client_assertion") {
+        if field(form, "client_assertion_type")
+            != Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+        {
+            return Err(OAuthError::invalid_request("client_assertion_type must be jwt-bearer."));
+        }
+        let token_url = format!("{base}{path}");
+        return verify_assertion(state, &principal, assertion, &token_url).await.map(|_| principal);
+    }
+    Err(OAuthError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_client",
+        7000216,
+        "'client_assertion', 'client_secret' or 'request' is required for the 'client_credentials' grant type.",
+    ))
+}
+
+async fn password_grant(
+    state: &Arc<AppState>,
+    form: &[(String, Zeroizing<String>)],
+) -> Result<Principal, OAuthError> {
+    let username =
+        field(form, "username").ok_or_else(|| OAuthError::invalid_request("username is required."))?;
+    let password =
+        field(form, "password").ok_or_else(|| OAuthError::invalid_request("password is required."))?;
+    let snapshot = state.directory.snapshot();
+    let bad =
+        || OAuthError::new(StatusCode::BAD_REQUEST, "invalid_grant", 50126, "Invalid username or password.");
+    let user = usable(snapshot.resolve(username), &[PrincipalKind::User]).ok_or_else(bad)?;
+    let ok =
+        state.directory.verify_secret(&user.object_id, CredentialKind::Password, password).await.map_err(
+            |e| OAuthError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", 50000, e.to_string()),
+        )?;
+    ok.map(|_| user).ok_or_else(bad)
+}
+
+/// Algorithms accepted for assertions: asymmetric only (never HS*, never none).
+const ASSERTION_ALGORITHMS: [Algorithm; 6] = [
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::ES256,
+    Algorithm::ES384,
+];
+
+#[derive(Deserialize)]
+struct UnverifiedClaims {
+    iss: Option<String>,
+}
+
+/// A federated assertion: a JWT from an outside issuer trusted for this principal.
+async fn verify_assertion(
+    state: &Arc<AppState>,
+    principal: &Principal,
+    assertion: &str,
+    token_url: &str,
+) -> Result<(), OAuthError> {
+    let bad = |why: &str| OAuthError::invalid_client(format!("The client assertion is not valid: {why}."));
+    let header = jsonwebtoken::decode_header(assertion).map_err(|_| bad("it is not a JWT"))?;
+    if !ASSERTION_ALGORITHMS.contains(&header.alg) {
+        return Err(bad("its algorithm is not accepted"));
+    }
+    let mut peek = Validation::new(header.alg);
+    peek.insecure_disable_signature_validation();
+    peek.validate_exp = false;
+    peek.validate_aud = false;
+    peek.required_spec_claims.clear();
+    let claims = jsonwebtoken::decode::<UnverifiedClaims>(assertion, &DecodingKey::from_secret(&[]), &peek)
+        .map_err(|_| bad("its claims cannot be read"))?
+        .claims;
+    let issuer = claims.iss.ok_or_else(|| bad("it has no issuer"))?;
+    if issuer == principal.client_id {
+        let _ = token_url;
+        return Err(bad("certificate credentials are not registered for this client"));
+    }
+    let snapshot = state.directory.snapshot();
+    let candidates: Vec<&FederatedCredential> = snapshot
+        .federated
+        .iter()
+        .filter(|f| f.principal_id == principal.object_id && f.issuer == issuer)
+        .collect();
+    if candidates.is_empty() {
+        return Err(bad(&format!("no federated credential trusts issuer '{issuer}' for this client")));
+    }
+    for fc in candidates {
+        let jwks = state.federation_keys.keys(fc).await.map_err(|e| bad(&e))?;
+        let jwk = match &header.kid {
+            Some(kid) => jwks.find(kid),
+            None if jwks.keys.len() == 1 => jwks.keys.first(),
+            None => None,
+        };
+        let Some(jwk) = jwk else { continue };
+        let key = DecodingKey::from_jwk(jwk).map_err(|_| bad("the issuer's key cannot be used"))?;
+        let mut v = Validation::new(header.alg);
+        v.algorithms = vec![header.alg];
+        v.set_issuer(&[&fc.issuer]);
+        v.set_audience(&[&fc.audience]);
+        v.sub = Some(fc.subject.clone());
+        v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        v.leeway = 60;
+        match jsonwebtoken::decode::<serde_json::Value>(assertion, &key, &v) {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                tracing::info!(issuer = %fc.issuer, error = %e, "federated assertion rejected");
+                return Err(bad(&format!("{e}")));
+            }
+        }
+    }
+    Err(bad("no key of the issuer matches its key id"))
+}
+
+/// The issuers' signing keys: inline JWKS documents, or fetched from a JWKS URL and cached.
+#[derive(Default)]
+pub struct FederationKeys {
+    cache: tokio::sync::Mutex<std::collections::HashMap<String, (Instant, jsonwebtoken::jwk::JwkSet)>>,
+}
+
+const JWKS_CACHE_TTL: Duration = Duration::from_secs(300);
+
+impl FederationKeys {
+    async fn keys(&self, fc: &FederatedCredential) -> Result<jsonwebtoken::jwk::JwkSet, String> {
+        if let Some(inline) = &fc.jwks {
+            return serde_json::from_str(inline).map_err(|e| format!("the configured JWKS is invalid: {e}"));
+        }
+        let url = fc.jwks_url.as_deref().ok_or("the federated credential has no keys configured")?;
+        if let Some((at, set)) = self.cache.lock().await.get(url) {
+            if at.elapsed() < JWKS_CACHE_TTL {
+                return Ok(set.clone());
+            }
+        }
+        let http = reqwest::Client::builder()
+            .use_rustls_tls()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let set: jsonwebtoken::jwk::JwkSet = http
+            .get(url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| format!("cannot fetch the issuer's keys from {url}: {e}"))?
+            .json()
+            .await
+            .map_err(|e| format!("the issuer's JWKS at {url} is invalid: {e}"))?;
+        self.cache.lock().await.insert(url.to_owned(), (Instant::now(), set.clone()));
+        Ok(set)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct JoinRequest {
+    join_token: Zeroizing<String>,
+}
+
+/// Redeems a one-time join token for an agent's node credential.
+async fn agent_join(state: &Arc<AppState>, req: Request) -> Result<Response, OAuthError> {
+    let body = read_body(req.into_body(), 64 * 1024)
+        .await
+        .map_err(|_| OAuthError::invalid_request("body too large"))?;
+    let join: JoinRequest = serde_json::from_slice(&body)
+        .map_err(|_| OAuthError::invalid_request("expected {\"joinToken\": \"…\"}"))?;
+    let refused = || OAuthError::invalid_client("The join token is invalid, expired or already used.");
+    let id = join
+        .join_token
+        .strip_prefix("cfj_")
+        .and_then(|r| r.split_once('.'))
+        .map(|(id, _)| id)
+        .ok_or_else(refused)?;
+    let directory = &state.directory;
+    let record =
+        directory.store().credential(id).await.ok().flatten().filter(|r| r.kind == CredentialKind::JoinToken);
+    let record = record.ok_or_else(refused)?;
+    let verified = directory
+        .verify_secret(&record.principal_id, CredentialKind::JoinToken, &join.join_token)
+        .await
+        .map_err(|e| {
+            OAuthError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", 50000, e.to_string())
+        })?;
+    // One use only: whoever deletes the row wins.
+    if verified.is_none() || !directory.store().take_credential(id).await.unwrap_or(false) {
+        return Err(refused());
+    }
+    let snapshot = directory.snapshot();
+    let agent =
+        usable(snapshot.principal(&record.principal_id), &[PrincipalKind::Agent]).ok_or_else(refused)?;
+    let issued =
+        directory.add_secret(&agent.object_id, CredentialKind::ClientSecret, None).await.map_err(|e| {
+            OAuthError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", 50000, e.to_string())
+        })?;
+    tracing::info!(agent = %agent.display_name, "agent joined");
+    Ok(json_ok(
+        StatusCode::OK,
+        json!({
+            "agent_id": agent.object_id,
+            "client_id": agent.client_id,
+            "client_secret": issued.secret.as_str(),
+            "tenant_id": state.tokens.tenant(),
+            "resource": state.tokens.audience(),
+        }),
+    ))
+}
+
+/// A joined agent asks for a workload's token, with the facts it attested.
+async fn agent_token(state: &Arc<AppState>, req: Request) -> Result<Response, OAuthError> {
+    let principal =
+        super::authenticate(state, req.headers()).await.map_err(|e| OAuthError::invalid_client(e.message))?;
+    if principal.kind != PrincipalKind::Agent {
+        return Err(OAuthError::new(
+            StatusCode::FORBIDDEN,
+            "unauthorized_client",
+            700016,
+            "Only agents may broker tokens.",
+        ));
+    }
+    let body = read_body(req.into_body(), 64 * 1024)
+        .await
+        .map_err(|_| OAuthError::invalid_request("body too large"))?;
+    let request: BrokerRequest = serde_json::from_slice(&body)
+        .map_err(|e| OAuthError::invalid_request(format!("bad request: {e}")))?;
+    match crate::broker::issue_for_agent(state, &principal.object_id, &request) {
+        Ok(token) => Ok(json_ok(StatusCode::OK, serde_json::to_value(&token).expect("token serializes"))),
+        Err(BrokerError::NotBound(msg)) => {
+            Err(OAuthError::new(StatusCode::FORBIDDEN, "forbidden", 700017, msg))
+        }
+        Err(BrokerError::BadRequest(msg)) => Err(OAuthError::invalid_request(msg)),
+        Err(BrokerError::Unavailable(msg)) => {
+            Err(OAuthError::new(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", 50001, msg))
+        }
+    }
+}

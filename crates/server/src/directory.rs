@@ -1,0 +1,201 @@
+//! The identity directory as the server sees it: an in-memory snapshot of principals, group
+//! memberships, roles, role assignments, bindings and federated credentials, rebuilt from the
+//! store after every change (so disabling a principal or removing an assignment applies to the
+//! very next request), plus the credential checks (Argon2id, constant-time).
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use base64::Engine;
+use coffer_core::authz::{builtin_roles, Principal, PrincipalKind, Rbac, RoleAssignment};
+use coffer_core::identity::{Binding, CredentialKind, CredentialRecord, FederatedCredential};
+use coffer_store::{Store, StoreError};
+use rand::RngCore;
+use zeroize::Zeroizing;
+
+use crate::tokens::unix_now;
+
+/// Everything authorization and token issuance need, immutable once built.
+pub struct Snapshot {
+    principals: HashMap<String, Principal>,
+    by_client_id: HashMap<String, String>,
+    by_name: HashMap<String, String>,
+    pub rbac: Rbac,
+    pub bindings: Vec<Binding>,
+    pub federated: Vec<FederatedCredential>,
+    pub memberships: Vec<(String, String)>,
+    pub assignments: Vec<RoleAssignment>,
+}
+
+impl Snapshot {
+    pub fn principal(&self, object_id: &str) -> Option<&Principal> {
+        self.principals.get(object_id)
+    }
+
+    pub fn by_client_id(&self, client_id: &str) -> Option<&Principal> {
+        self.by_client_id.get(client_id).and_then(|id| self.principals.get(id))
+    }
+
+    /// A principal by object id, client id or (case-insensitive) name.
+    pub fn resolve(&self, name_or_id: &str) -> Option<&Principal> {
+        self.principal(name_or_id).or_else(|| self.by_client_id(name_or_id)).or_else(|| {
+            self.by_name.get(&name_or_id.to_ascii_lowercase()).and_then(|id| self.principals.get(id))
+        })
+    }
+
+    pub fn principals(&self) -> impl Iterator<Item = &Principal> {
+        self.principals.values()
+    }
+}
+
+pub struct Directory {
+    store: Arc<dyn Store>,
+    snapshot: RwLock<Arc<Snapshot>>,
+}
+
+/// A freshly generated credential: shown to the caller once, stored only as a hash.
+pub struct IssuedSecret {
+    pub credential_id: String,
+    pub secret: Zeroizing<String>,
+}
+
+impl Directory {
+    pub async fn load(store: Arc<dyn Store>) -> Result<Self, StoreError> {
+        let snapshot = build(store.as_ref()).await?;
+        Ok(Self { store, snapshot: RwLock::new(Arc::new(snapshot)) })
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.read().expect("directory lock poisoned").clone()
+    }
+
+    /// Rebuilds the snapshot from the store; call after every directory change.
+    pub async fn reload(&self) -> Result<(), StoreError> {
+        let snapshot = build(self.store.as_ref()).await?;
+        *self.snapshot.write().expect("directory lock poisoned") = Arc::new(snapshot);
+        Ok(())
+    }
+
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    pub async fn create_principal(&self, name: &str, kind: PrincipalKind) -> Result<Principal, StoreError> {
+        let principal = Principal {
+            object_id: uuid::Uuid::new_v4().to_string(),
+            client_id: uuid::Uuid::new_v4().to_string(),
+            display_name: name.to_owned(),
+            kind,
+            enabled: true,
+        };
+        self.store.put_principal(&principal).await?;
+        self.reload().await?;
+        Ok(principal)
+    }
+
+    /// Creates a random secret of `kind` for `principal_id` and stores its Argon2id hash.
+    pub async fn add_secret(
+        &self,
+        principal_id: &str,
+        kind: CredentialKind,
+        expires: Option<i64>,
+    ) -> Result<IssuedSecret, StoreError> {
+        let mut raw = Zeroizing::new([0u8; 30]);
+        rand::rngs::OsRng.fill_bytes(raw.as_mut());
+        let prefix = match kind {
+            CredentialKind::JoinToken => "cfj",
+            _ => "cfs",
+        };
+        let credential_id = uuid::Uuid::new_v4().simple().to_string();
+        let random = Zeroizing::new(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw.as_ref()));
+        // The id travels inside the secret so verification finds its hash directly.
+        let secret = Zeroizing::new(format!("{prefix}_{credential_id}.{}", &*random));
+        let record = CredentialRecord {
+            id: credential_id.clone(),
+            principal_id: principal_id.to_owned(),
+            kind,
+            material: hash_secret(secret.as_bytes())?,
+            created: unix_now() as i64,
+            expires,
+        };
+        self.store.add_credential(&record).await?;
+        Ok(IssuedSecret { credential_id, secret })
+    }
+
+    /// Sets a user's password (Argon2id), replacing any previous one.
+    pub async fn set_password(&self, principal_id: &str, password: &str) -> Result<(), StoreError> {
+        let record = CredentialRecord {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            principal_id: principal_id.to_owned(),
+            kind: CredentialKind::Password,
+            material: hash_secret(password.as_bytes())?,
+            created: unix_now() as i64,
+            expires: None,
+        };
+        self.store.add_credential(&record).await?;
+        self.store.delete_credentials(principal_id, CredentialKind::Password, Some(&record.id)).await?;
+        Ok(())
+    }
+
+    /// Checks `presented` against the principal's unexpired credentials of `kind`; returns the
+    /// matching credential's id. Argon2 verification compares in constant time.
+    pub async fn verify_secret(
+        &self,
+        principal_id: &str,
+        kind: CredentialKind,
+        presented: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let now = unix_now() as i64;
+        let wanted_id =
+            presented.split_once('_').and_then(|(_, rest)| rest.split_once('.')).map(|(id, _)| id);
+        let records = self.store.credentials(principal_id, kind).await?;
+        let candidates: Vec<CredentialRecord> = records
+            .into_iter()
+            .filter(|r| r.expires.is_none_or(|e| e > now))
+            .filter(|r| kind == CredentialKind::Password || Some(r.id.as_str()) == wanted_id)
+            .collect();
+        let presented = Zeroizing::new(presented.as_bytes().to_vec());
+        tokio::task::spawn_blocking(move || {
+            Ok(candidates.into_iter().find(|r| verify_hash(&r.material, &presented)).map(|r| r.id))
+        })
+        .await
+        .map_err(|e| StoreError::Backend(e.to_string()))?
+    }
+}
+
+fn hash_secret(secret: &[u8]) -> Result<String, StoreError> {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(secret, &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| StoreError::Backend(format!("hashing a credential: {e}")))
+}
+
+fn verify_hash(phc: &str, presented: &[u8]) -> bool {
+    PasswordHash::new(phc).is_ok_and(|hash| Argon2::default().verify_password(presented, &hash).is_ok())
+}
+
+async fn build(store: &dyn Store) -> Result<Snapshot, StoreError> {
+    let principals: HashMap<String, Principal> =
+        store.principals().await?.into_iter().map(|p| (p.object_id.clone(), p)).collect();
+    let by_client_id = principals.values().map(|p| (p.client_id.clone(), p.object_id.clone())).collect();
+    let by_name =
+        principals.values().map(|p| (p.display_name.to_ascii_lowercase(), p.object_id.clone())).collect();
+    let mut roles = builtin_roles();
+    roles.extend(store.custom_roles().await?);
+    let assignments = store.role_assignments().await?;
+    let memberships = store.memberships().await?;
+    Ok(Snapshot {
+        principals,
+        by_client_id,
+        by_name,
+        rbac: Rbac::new(roles, assignments.clone(), memberships.clone()),
+        bindings: store.bindings().await?,
+        federated: store.federated_credentials().await?,
+        memberships,
+        assignments,
+    })
+}
