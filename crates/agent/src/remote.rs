@@ -56,9 +56,14 @@ struct JoinResponse {
     resource: String,
 }
 
-pub fn http_client(ca_pem: Option<&[u8]>) -> Result<reqwest::Client, String> {
-    let mut builder =
-        reqwest::Client::builder().use_rustls_tls().https_only(true).timeout(Duration::from_secs(30));
+/// An HTTPS client for the server at `server_url`, trusting `ca_pem` in addition to the system.
+pub fn http_client(server_url: &str, ca_pem: Option<&[u8]>) -> Result<reqwest::Client, String> {
+    let resolver = coffer_client::zone_resolver(server_url).map_err(|e| e.to_string())?;
+    let mut builder = reqwest::Client::builder()
+        .use_rustls_tls()
+        .https_only(true)
+        .timeout(Duration::from_secs(30))
+        .dns_resolver(resolver);
     if let Some(pem) = ca_pem {
         for cert in reqwest::Certificate::from_pem_bundle(pem).map_err(|e| e.to_string())? {
             builder = builder.add_root_certificate(cert);

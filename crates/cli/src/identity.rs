@@ -85,9 +85,12 @@ pub enum IdentityCommand {
 
 #[derive(Subcommand)]
 pub enum SpCommand {
-    /// Create a service principal (for CI and automation); prints its client secret once.
+    /// Create a service principal (for CI and automation); prints its client secret once, or
+    /// registers a certificate (PEM) whose key signs client assertions.
     Create {
         name: String,
+        #[arg(long)]
+        cert: Option<PathBuf>,
         #[command(flatten)]
         conn: Connection,
     },
@@ -354,11 +357,15 @@ fn print_secret(out: &Value, format: Format) -> Result<()> {
 
 pub async fn sp(cmd: SpCommand) -> Result<()> {
     match cmd {
-        SpCommand::Create { name, conn } => {
-            let out = conn
-                .client()?
-                .admin(Method::POST, "principals", Some(&json!({"name": name, "type": "service-principal"})))
-                .await?;
+        SpCommand::Create { name, cert, conn } => {
+            let certificate = cert
+                .map(|p| std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display())))
+                .transpose()?;
+            let body = json!({"name": name, "type": "service-principal", "certificate": certificate});
+            let out = conn.client()?.admin(Method::POST, "principals", Some(&body)).await?;
+            if out.get("certificateId").is_some() {
+                return print_value(&out, conn.output, &PRINCIPAL_COLUMNS);
+            }
             print_secret(&out, conn.output)
         }
         SpCommand::NewSecret { name, conn } => {
@@ -542,7 +549,8 @@ pub async fn agent(cmd: AgentCommand) -> Result<()> {
             let ca = ca_file
                 .map(|p| std::fs::read(&p).with_context(|| format!("cannot read {}", p.display())))
                 .transpose()?;
-            let http = coffer_agent::remote::http_client(ca.as_deref()).map_err(anyhow::Error::msg)?;
+            let http =
+                coffer_agent::remote::http_client(&server, ca.as_deref()).map_err(anyhow::Error::msg)?;
             let credential =
                 coffer_agent::remote::join(&server, &join_token, &http).await.map_err(anyhow::Error::msg)?;
             credential
@@ -569,7 +577,8 @@ pub async fn agent(cmd: AgentCommand) -> Result<()> {
             let ca = ca_file
                 .map(|p| std::fs::read(&p).with_context(|| format!("cannot read {}", p.display())))
                 .transpose()?;
-            let http = coffer_agent::remote::http_client(ca.as_deref()).map_err(anyhow::Error::msg)?;
+            let http = coffer_agent::remote::http_client(&credential.server_url, ca.as_deref())
+                .map_err(anyhow::Error::msg)?;
             let broker = Arc::new(coffer_agent::remote::RemoteBroker::new(credential, http));
             let listener = tokio::net::TcpListener::bind(listen)
                 .await

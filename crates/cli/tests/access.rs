@@ -18,7 +18,8 @@ struct Harness {
 impl Harness {
     fn start(dir: &std::path::Path) -> Harness {
         let server = TestServer::start(&dir.join("data"), free_port(), &[]);
-        let ca = reqwest::Certificate::from_pem(&std::fs::read(server.data_dir.join("ca.pem")).unwrap()).unwrap();
+        let ca =
+            reqwest::Certificate::from_pem(&std::fs::read(server.data_dir.join("ca.pem")).unwrap()).unwrap();
         let addr: std::net::SocketAddr = format!("127.0.0.1:{}", server.port).parse().unwrap();
         let http = reqwest::Client::builder()
             .use_rustls_tls()
@@ -41,7 +42,8 @@ impl Harness {
     }
 
     async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("{}/admin/{path}", self.root())).bearer_auth(&self.admin_token);
+        let mut req =
+            self.http.request(method, format!("{}/admin/{path}", self.root())).bearer_auth(&self.admin_token);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -57,7 +59,12 @@ impl Harness {
         let r = self
             .http
             .post(url)
-            .form(&[("grant_type", "client_credentials"), ("client_id", client_id), ("client_secret", secret), ("scope", &scope)])
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", client_id),
+                ("client_secret", secret),
+                ("scope", &scope),
+            ])
             .send()
             .await
             .unwrap();
@@ -70,9 +77,18 @@ impl Harness {
         }
     }
 
-    async fn call(&self, token: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    async fn call(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let sep = if path.contains('?') { '&' } else { '?' };
-        let mut req = self.http.request(method, format!("{}{path}{sep}api-version=7.5", self.vault())).bearer_auth(token);
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}{sep}api-version=7.5", self.vault()))
+            .bearer_auth(token);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -82,7 +98,13 @@ impl Harness {
     }
 
     async fn service_principal(&self, name: &str) -> (String, String) {
-        let (status, sp) = self.admin(reqwest::Method::POST, "principals", Some(json!({"name": name, "type": "service-principal"}))).await;
+        let (status, sp) = self
+            .admin(
+                reqwest::Method::POST,
+                "principals",
+                Some(json!({"name": name, "type": "service-principal"})),
+            )
+            .await;
         assert_eq!(status, 201, "{sp}");
         (sp["clientId"].as_str().unwrap().to_owned(), sp["clientSecret"].as_str().unwrap().to_owned())
     }
@@ -109,7 +131,10 @@ async fn run_op(h: &Harness, token: &str, op: &str, backup_blob: &str) -> u16 {
     };
     if status == 403 {
         assert_eq!(body["error"]["innererror"]["code"], "ForbiddenByRbac", "{op}: {body}");
-        assert!(body["error"]["message"].as_str().unwrap().contains("Microsoft.KeyVault/vaults/secrets/"), "{body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains("Microsoft.KeyVault/vaults/secrets/"),
+            "{body}"
+        );
     }
     status
 }
@@ -120,7 +145,8 @@ async fn run_op(h: &Harness, token: &str, op: &str, backup_blob: &str) -> u16 {
 async fn role_by_operation_matrix_over_http() {
     let dir = tempfile::tempdir().unwrap();
     let h = Harness::start(dir.path());
-    let (status, _) = h.admin(reqwest::Method::POST, "vaults", Some(json!({"name": "matrix", "retentionDays": 7}))).await;
+    let (status, _) =
+        h.admin(reqwest::Method::POST, "vaults", Some(json!({"name": "matrix", "retentionDays": 7}))).await;
     assert_eq!(status, 201);
     // A backup blob to restore, made by the administrator from another secret.
     h.call(&h.admin_token, reqwest::Method::PUT, "/secrets/source", Some(json!({"value": "x"}))).await;
@@ -143,7 +169,11 @@ async fn role_by_operation_matrix_over_http() {
             let name = format!("sp-{i}-{}", if scope.contains("secrets") { "secret" } else { "vault" });
             let (client_id, secret) = h.service_principal(&name).await;
             let (status, body) = h
-                .admin(reqwest::Method::POST, "role-assignments", Some(json!({"principal": name, "role": role, "scope": scope})))
+                .admin(
+                    reqwest::Method::POST,
+                    "role-assignments",
+                    Some(json!({"principal": name, "role": role, "scope": scope})),
+                )
                 .await;
             assert_eq!(status, 201, "{body}");
             let token = h.token(&client_id, &secret).await.unwrap();
@@ -164,13 +194,16 @@ async fn role_by_operation_matrix_over_http() {
                 }
                 let status = run_op(&h, &token, op, &blob).await;
                 if (status != 403) != expect_allowed {
-                    failures.push(format!("{role} at {scope}: {op} -> {status}, expected allowed={expect_allowed}"));
+                    failures.push(format!(
+                        "{role} at {scope}: {op} -> {status}, expected allowed={expect_allowed}"
+                    ));
                 }
                 // Reset for the next operation.
                 h.call(&h.admin_token, reqwest::Method::POST, "/deletedsecrets/s/recover", None).await;
                 if h.call(&h.admin_token, reqwest::Method::GET, "/secrets/s/", None).await.0 == 404 {
                     h.call(&h.admin_token, reqwest::Method::DELETE, "/deletedsecrets/s", None).await;
-                    h.call(&h.admin_token, reqwest::Method::PUT, "/secrets/s", Some(json!({"value": "v0"}))).await;
+                    h.call(&h.admin_token, reqwest::Method::PUT, "/secrets/s", Some(json!({"value": "v0"})))
+                        .await;
                 }
                 h.call(&h.admin_token, reqwest::Method::DELETE, "/secrets/source", None).await;
                 h.call(&h.admin_token, reqwest::Method::DELETE, "/deletedsecrets/source", None).await;
@@ -201,7 +234,11 @@ async fn revocation_is_immediate_and_token_attacks_fail() {
             Some(json!({"principal": "ci", "role": "Key Vault Secrets User", "scope": "/vaults/matrix"})),
         )
         .await;
-    assert_eq!(h.call(&token, reqwest::Method::GET, "/secrets/s/", None).await.0, 200, "grant applies at once");
+    assert_eq!(
+        h.call(&token, reqwest::Method::GET, "/secrets/s/", None).await.0,
+        200,
+        "grant applies at once"
+    );
     // Removing the assignment applies to the very next request, same token.
     let id = assignment["id"].as_str().unwrap();
     assert_eq!(h.admin(reqwest::Method::DELETE, &format!("role-assignments/{id}"), None).await.0, 204);
@@ -216,20 +253,35 @@ async fn revocation_is_immediate_and_token_attacks_fail() {
     )
     .await;
     assert_eq!(h.call(&token, reqwest::Method::GET, "/secrets/s/", None).await.0, 200);
-    assert_eq!(h.admin(reqwest::Method::PATCH, "principals/ci", Some(json!({"enabled": false}))).await.0, 200);
-    assert_eq!(h.call(&token, reqwest::Method::GET, "/secrets/s/", None).await.0, 401, "a disabled principal's token");
+    assert_eq!(
+        h.admin(reqwest::Method::PATCH, "principals/ci", Some(json!({"enabled": false}))).await.0,
+        200
+    );
+    assert_eq!(
+        h.call(&token, reqwest::Method::GET, "/secrets/s/", None).await.0,
+        401,
+        "a disabled principal's token"
+    );
     assert!(h.token(&client_id, &secret).await.is_err(), "a disabled principal gets no new token");
     h.admin(reqwest::Method::PATCH, "principals/ci", Some(json!({"enabled": true}))).await;
     assert_eq!(h.call(&token, reqwest::Method::GET, "/secrets/s/", None).await.0, 200);
     assert_eq!(h.admin(reqwest::Method::DELETE, "principals/ci", None).await.0, 204);
-    assert_eq!(h.call(&token, reqwest::Method::GET, "/secrets/s/", None).await.0, 401, "a deleted principal's token");
+    assert_eq!(
+        h.call(&token, reqwest::Method::GET, "/secrets/s/", None).await.0,
+        401,
+        "a deleted principal's token"
+    );
 
     // Token attacks: every one is a 401 with the challenge.
     let admin = h.admin_token.clone();
     let parts: Vec<&str> = admin.split('.').collect();
     let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
-    let header: Value = serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(parts[0]).unwrap()).unwrap();
-    let claims: Value = serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+    let header: Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(parts[0]).unwrap())
+            .unwrap();
+    let claims: Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(parts[1]).unwrap())
+            .unwrap();
     let with_claims = |edit: &dyn Fn(&mut Value)| {
         let mut c = claims.clone();
         edit(&mut c);
@@ -273,5 +325,9 @@ async fn revocation_is_immediate_and_token_attacks_fail() {
         let (status, body) = h.call(forged, reqwest::Method::GET, "/secrets/s/", None).await;
         assert_eq!(status, 401, "{name}: {body}");
     }
-    assert_eq!(h.call(&admin, reqwest::Method::GET, "/secrets/s/", None).await.0, 200, "the genuine token still works");
+    assert_eq!(
+        h.call(&admin, reqwest::Method::GET, "/secrets/s/", None).await.0,
+        200,
+        "the genuine token still works"
+    );
 }

@@ -182,8 +182,18 @@ struct ErrorDetail {
     message: String,
 }
 
+/// A resolver for `server_url`'s zone: `<name>.<zone>` resolves through the system first, then
+/// falls back to the zone's own address (glibc does not resolve `*.localhost`).
+pub fn zone_resolver(server_url: &str) -> Result<Arc<ZoneResolver>> {
+    let server =
+        Url::parse(server_url).map_err(|e| ClientError::Config(format!("server URL '{server_url}': {e}")))?;
+    let zone =
+        server.host_str().ok_or_else(|| ClientError::Config("the server URL has no host".into()))?.to_owned();
+    Ok(Arc::new(ZoneResolver { zone_suffix: format!(".{zone}"), zone }))
+}
+
 /// Resolves `<vault>.<zone>` via the system first, then falls back to the zone's address.
-struct ZoneResolver {
+pub struct ZoneResolver {
     zone_suffix: String,
     zone: String,
 }

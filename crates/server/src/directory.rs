@@ -125,6 +125,21 @@ impl Directory {
         Ok(IssuedSecret { credential_id, secret })
     }
 
+    /// Registers a certificate (PEM) whose key may sign client assertions for the principal.
+    pub async fn add_certificate(&self, principal_id: &str, pem: &str) -> Result<String, String> {
+        let (_, expires) = certificate_key(pem)?;
+        let record = CredentialRecord {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            principal_id: principal_id.to_owned(),
+            kind: CredentialKind::Certificate,
+            material: pem.to_owned(),
+            created: unix_now() as i64,
+            expires: Some(expires),
+        };
+        self.store.add_credential(&record).await.map_err(|e| e.to_string())?;
+        Ok(record.id)
+    }
+
     /// Sets a user's password (Argon2id), replacing any previous one.
     pub async fn set_password(&self, principal_id: &str, password: &str) -> Result<(), StoreError> {
         let record = CredentialRecord {
@@ -198,4 +213,22 @@ async fn build(store: &dyn Store) -> Result<Snapshot, StoreError> {
         memberships,
         assignments,
     })
+}
+
+/// The public key of a PEM certificate, as a JWT verification key, and its expiry.
+pub fn certificate_key(pem: &str) -> Result<(jsonwebtoken::DecodingKey, i64), String> {
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| format!("not a PEM certificate: {e}"))?;
+    let cert = parsed.parse_x509().map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    let spki = cert.public_key();
+    let key_bits = spki.subject_public_key.data.as_ref();
+    let oid = spki.algorithm.algorithm.to_id_string();
+    let key = match oid.as_str() {
+        // rsaEncryption: the bit string holds a PKCS#1 RSAPublicKey.
+        "1.2.840.113549.1.1.1" => jsonwebtoken::DecodingKey::from_rsa_der(key_bits),
+        // id-ecPublicKey: the bit string holds the uncompressed point.
+        "1.2.840.10045.2.1" => jsonwebtoken::DecodingKey::from_ec_der(key_bits),
+        other => return Err(format!("unsupported certificate key algorithm {other}")),
+    };
+    Ok((key, cert.validity().not_after.timestamp()))
 }

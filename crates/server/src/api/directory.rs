@@ -97,6 +97,8 @@ struct CreatePrincipal {
     #[serde(rename = "type")]
     kind: String,
     password: Option<zeroize::Zeroizing<String>>,
+    /// PEM certificate whose key may sign client assertions (service principals).
+    certificate: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -275,13 +277,27 @@ async fn create_principal(state: &AppState, caller: &Principal, body: Body) -> R
     if kind == PrincipalKind::User && req.password.as_ref().is_none_or(|p| p.len() < 12) {
         return Err(ApiError::bad_parameter("A user needs a password of at least 12 characters."));
     }
+    if req.certificate.is_some() && kind != PrincipalKind::ServicePrincipal {
+        return Err(ApiError::bad_parameter("Only service principals have certificates."));
+    }
+    if let Some(pem) = &req.certificate {
+        crate::directory::certificate_key(pem)
+            .map_err(|e| ApiError::bad_parameter(format!("The certificate: {e}")))?;
+    }
     let principal = state
         .directory
         .create_principal(&req.name, kind)
         .await
         .map_err(|e| store_error(e, "The principal"))?;
     let mut out = principal_json(&principal);
-    if kind == PrincipalKind::ServicePrincipal {
+    if let Some(pem) = &req.certificate {
+        let id = state
+            .directory
+            .add_certificate(&principal.object_id, pem)
+            .await
+            .map_err(|e| ApiError::internal(&e))?;
+        out["certificateId"] = json!(id);
+    } else if kind == PrincipalKind::ServicePrincipal {
         let issued = state
             .directory
             .add_secret(&principal.object_id, CredentialKind::ClientSecret, None)

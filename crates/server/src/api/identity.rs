@@ -299,8 +299,7 @@ async fn verify_assertion(
         .claims;
     let issuer = claims.iss.ok_or_else(|| bad("it has no issuer"))?;
     if issuer == principal.client_id {
-        let _ = token_url;
-        return Err(bad("certificate credentials are not registered for this client"));
+        return verify_certificate_assertion(state, principal, assertion, header.alg, token_url).await;
     }
     let snapshot = state.directory.snapshot();
     let candidates: Vec<&FederatedCredential> = snapshot
@@ -336,6 +335,46 @@ async fn verify_assertion(
         }
     }
     Err(bad("no key of the issuer matches its key id"))
+}
+
+/// A client assertion signed with the key of a certificate registered for the principal:
+/// `iss` = `sub` = client id, `aud` = this token endpoint.
+async fn verify_certificate_assertion(
+    state: &Arc<AppState>,
+    principal: &Principal,
+    assertion: &str,
+    alg: Algorithm,
+    token_url: &str,
+) -> Result<(), OAuthError> {
+    let bad = |why: String| OAuthError::invalid_client(format!("The client assertion is not valid: {why}."));
+    let now = unix_now() as i64;
+    let certs = state
+        .directory
+        .store()
+        .credentials(&principal.object_id, CredentialKind::Certificate)
+        .await
+        .map_err(|e| {
+            OAuthError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", 50000, e.to_string())
+        })?;
+    if certs.is_empty() {
+        return Err(bad("no certificate is registered for this client".into()));
+    }
+    let mut last = String::from("no registered certificate verifies it");
+    for cert in certs.iter().filter(|c| c.expires.is_none_or(|e| e > now)) {
+        let Ok((key, _)) = crate::directory::certificate_key(&cert.material) else { continue };
+        let mut v = Validation::new(alg);
+        v.algorithms = vec![alg];
+        v.set_issuer(&[&principal.client_id]);
+        v.set_audience(&[token_url]);
+        v.sub = Some(principal.client_id.clone());
+        v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        v.leeway = 60;
+        match jsonwebtoken::decode::<serde_json::Value>(assertion, &key, &v) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(bad(last))
 }
 
 /// The issuers' signing keys: inline JWKS documents, or fetched from a JWKS URL and cached.
