@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Coffer compatibility suites: the official, unmodified Azure Key Vault secrets SDKs (Python and JS)
-# against a freshly started `coffer server --dev`.
+# Coffer compatibility suites: the official, unmodified Azure Key Vault secrets SDKs (Python, JS and Rust) and
+# Azure Identity libraries against a freshly started `coffer server --dev`.
 #
 # Usage: bash tests/compat/run.sh [PATH_TO_COFFER_BINARY]
 #
@@ -8,10 +8,13 @@
 #                          never builds)
 #
 # Environment (all optional):
-#   COMPAT_SUITES          which suites to run: "python js" (default), "python" or "js"
+#   COMPAT_SUITES          which suites to run: "python js rust" (default), or any subset, e.g. "python"
 #   COMPAT_PYTHON          base interpreter for the venv (default: python3)
 #   COMPAT_PYTEST_ARGS     extra pytest arguments, e.g. "-k paging -x"
 #   COMPAT_NODE_ARGS       extra `node --test` arguments, e.g. "--test-name-pattern=paging"
+#   COMPAT_FILTER          Rust suite: run only the tests whose name contains this, e.g. "identity"
+#   COMPAT_RUST_TARGET_DIR where the Rust test program is built (default <repo>/target/compat-rust)
+#   COMPAT_NETNS=0         do not give the run a private network namespace (default: one with only loopback)
 #   COMPAT_READY_TIMEOUT   seconds to wait for the server's `ready` line (default 60)
 #   COMPAT_SUITE_TIMEOUT   seconds each suite may run (default 1200)
 #   COMPAT_KEEP=1          keep the temporary data dir and logs (path printed at the end)
@@ -21,11 +24,16 @@
 # add a line there for a new vault.
 #
 # What it does: creates/reuses a venv at <repo>/.cache/compat-venv (pip install -r
-# tests/compat/python/requirements.txt), `npm ci` in tests/compat/js, picks a free port, writes a hosts file
-# mapping the test vault names to 127.0.0.1, then, inside a private mount namespace (`unshare -m`, with the
-# hosts file bind-mounted over /etc/hosts, so the machine's own /etc/hosts is never touched), starts the
-# server, creates one vault per suite with the CLI, runs pytest and `node --test`, and stops the server.
-# Exits non-zero if anything failed. The bearer token is never printed (it is masked in all output).
+# tests/compat/python/requirements.txt), `npm ci` in tests/compat/js, builds tests/compat/rust (nice 19), picks a
+# free port, writes a hosts file mapping the test vault names to 127.0.0.1, then, inside private mount and
+# network namespaces (`unshare -m -n`: the hosts file bind-mounted over /etc/hosts, so the machine's own
+# /etc/hosts is never touched; only loopback, so no client can reach anything but this server), starts the
+# server, creates the suites' vaults with the CLI, runs pytest, `node --test` and the Rust program, and stops
+# the server. Exits non-zero if anything failed. The bearer token is never printed (it is masked in all
+# output), nor are client secrets or secret values.
+#
+# The identity tests run workloads under other uids (setpriv; Python 41xxx, JS 42xxx, Rust 43xxx): that needs
+# root. The temp dir is made 0711 (its logs 0600) so those uids can reach the server's CA file.
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -33,6 +41,7 @@ SCRIPT_PATH="$SCRIPT_DIR/$(basename "${BASH_SOURCE[0]}")"
 
 PY_VAULT="pycompat"
 JS_VAULT="jscompat"
+RS_VAULT="rustcompat"
 # Every vault a suite uses: "suite name [extra `coffer vault create` flags]". Retention 7 days unless given.
 VAULT_SPECS=(
   "python $PY_VAULT --retention-days 7"
@@ -41,6 +50,7 @@ VAULT_SPECS=(
   "js $JS_VAULT --retention-days 7"
   "js jsretain90"
   "js jsprotected --retention-days 7 --purge-protection"
+  "rust $RS_VAULT --retention-days 7"
 )
 all_vault_names() { local spec; for spec in "${VAULT_SPECS[@]}"; do set -- $spec; printf '%s ' "$2"; done; }
 RETENTION_DAYS=7
@@ -72,7 +82,7 @@ inner() {
   SERVER_PID=""
   SUITE_PID=""
   MASK_PID=""
-  local failed=0 py_rc=skipped js_rc=skipped
+  local failed=0 py_rc=skipped js_rc=skipped rs_rc=skipped
 
   stop_server() {
     if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
@@ -143,7 +153,14 @@ inner() {
   trap 'exit 130' INT
   trap 'exit 143' TERM
 
+  if [[ "${COMPAT_NETNS:-1}" != 0 ]]; then
+    ip link set lo up || die "could not bring up loopback in the private network namespace"
+  fi
   mount --bind "$COMPAT_WORK/hosts" /etc/hosts || die "could not bind-mount the hosts file over /etc/hosts"
+  # Workloads under other uids (identity tests) must reach the server's CA file in $data (0711, ca.pem 0644);
+  # everything else in the work dir stays private.
+  : >"$SERVER_OUT" && : >"$SERVER_ERR" && chmod 600 "$SERVER_OUT" "$SERVER_ERR"
+  chmod 711 "$COMPAT_WORK"
   local v
   for v in login dev $(all_vault_names); do
     getent hosts "$v.localhost" | grep -q '^127\.0\.0\.1' || die "$v.localhost does not resolve to 127.0.0.1"
@@ -179,6 +196,7 @@ inner() {
   export COFFER_PY_VAULT="$PY_VAULT" COFFER_JS_VAULT="$JS_VAULT"
   export COFFER_PY_VAULT_90=pyretain90 COFFER_PY_VAULT_PROTECTED=pyprotected
   export COFFER_JS_VAULT_90=jsretain90 COFFER_JS_VAULT_PROTECTED=jsprotected
+  export COFFER_RS_VAULT="$RS_VAULT"
   log "server ready (pid $SERVER_PID); COFFER_URL=$COFFER_URL"
 
   local suite spec vault
@@ -196,7 +214,7 @@ inner() {
   done
 
   for suite in $COMPAT_SUITES; do
-    case "$suite" in python) vault="$PY_VAULT" ;; js) vault="$JS_VAULT" ;; esac
+    case "$suite" in python) vault="$PY_VAULT" ;; js) vault="$JS_VAULT" ;; rust) vault="$RS_VAULT" ;; esac
     # Diagnostic only: does the server's certificate verify for this vault's host name (OpenSSL rules)?
     "$COMPAT_VENV/bin/python" - "$vault.localhost" "$COMPAT_PORT" "$SSL_CERT_FILE" <<'PY' >&2 || true
 import socket, ssl, sys
@@ -257,6 +275,20 @@ PY
         if [[ "$js_rc" == 124 ]]; then log "the JS suite timed out after ${timeout_s}s"; fi
         if [[ "$js_rc" != 0 ]]; then failed=1; fi
         ;;
+      rust)
+        log "running the Rust suite (azure_security_keyvault_secrets, azure_identity) against https://$RS_VAULT.localhost:$COMPAT_PORT"
+        local rs_log="$COMPAT_WORK/rust-test.log"
+        rs_rc=0
+        run_suite "$SCRIPT_DIR/rust" "$rs_log" \
+          env COMPAT_RUST_SKIP_BUILD=1 COMPAT_SUITE_TIMEOUT="$timeout_s" \
+          timeout "$((timeout_s + 30))" bash "$SCRIPT_DIR/rust/run.sh" "$COFFER_BIN" "$COMPAT_PORT" "$data" || rs_rc=$?
+        if [[ "$rs_rc" == 0 ]] && ! grep -Eq '^[1-9][0-9]* passed, 0 failed' "$rs_log"; then
+          log "the Rust suite printed no 'N passed, 0 failed' line: counted as a failure"
+          rs_rc=no-tests
+        fi
+        if [[ "$rs_rc" == 124 ]]; then log "the Rust suite timed out after ${timeout_s}s"; fi
+        if [[ "$rs_rc" != 0 ]]; then failed=1; fi
+        ;;
     esac
   done
 
@@ -265,7 +297,7 @@ PY
     failed=1
   fi
   stop_server
-  log "results: python=$py_rc js=$js_rc"
+  log "results: python=$py_rc js=$js_rc rust=$rs_rc"
   return "$failed"
 }
 
@@ -277,17 +309,22 @@ fi
 # ---------------------------------------------------------------------------------------------------------
 # Outer part: dependencies, port, temp dir, hosts file; then re-run this script inside `unshare -m`.
 # ---------------------------------------------------------------------------------------------------------
-case "${1:-}" in -h | --help) sed -n '2,30p' "$SCRIPT_PATH" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
+case "${1:-}" in -h | --help) sed -n '2,36p' "$SCRIPT_PATH" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 
 REPO_ROOT="$(git -C "$SCRIPT_DIR" rev-parse --show-toplevel 2>/dev/null || (cd "$SCRIPT_DIR/../.." && pwd))"
 COFFER_BIN="${1:-${COFFER_BIN:-$REPO_ROOT/target/debug/coffer}}"
 [[ "$COFFER_BIN" == /* ]] || COFFER_BIN="$REPO_ROOT/$COFFER_BIN"
 [[ -x "$COFFER_BIN" ]] || die "coffer binary not found or not executable: $COFFER_BIN (build it first)"
-COMPAT_SUITES="${COMPAT_SUITES:-python js}"
-for s in $COMPAT_SUITES; do [[ "$s" == python || "$s" == js ]] || die "COMPAT_SUITES: unknown suite '$s'"; done
+COMPAT_SUITES="${COMPAT_SUITES:-python js rust}"
+for s in $COMPAT_SUITES; do
+  [[ "$s" == python || "$s" == js || "$s" == rust ]] || die "COMPAT_SUITES: unknown suite '$s'"
+done
 [[ -n "${COMPAT_SUITES// /}" ]] || die "COMPAT_SUITES is empty"
 command -v unshare >/dev/null || die "unshare (util-linux) is required"
 command -v timeout >/dev/null || die "timeout (coreutils) is required"
+if [[ "${COMPAT_NETNS:-1}" != 0 ]]; then command -v ip >/dev/null || die "ip (iproute2) is required (or COMPAT_NETNS=0)"; fi
+# Files the runner creates (venv, builds) must be readable by the identity tests' workloads under other uids.
+umask 022
 
 # Python venv (always: the free-port helper uses it too).
 COMPAT_VENV="$REPO_ROOT/.cache/compat-venv"
@@ -327,6 +364,17 @@ if [[ " $COMPAT_SUITES " == *" js "* ]]; then
   fi
 fi
 
+# Rust test program (built here, outside the namespaces, because cargo may need the registry).
+if [[ " $COMPAT_SUITES " == *" rust "* ]]; then
+  command -v cargo >/dev/null || die "cargo is required for the Rust suite"
+  export COMPAT_RUST_TARGET_DIR="${COMPAT_RUST_TARGET_DIR:-$REPO_ROOT/target/compat-rust}"
+  log "building tests/compat/rust (nice 19) into $COMPAT_RUST_TARGET_DIR"
+  rust_start=$SECONDS
+  CARGO_TARGET_DIR="$COMPAT_RUST_TARGET_DIR" nice -n 19 cargo build --locked --quiet \
+    --manifest-path "$SCRIPT_DIR/rust/Cargo.toml" </dev/null || die "cargo build of tests/compat/rust failed"
+  log "built in $((SECONDS - rust_start))s"
+fi
+
 COMPAT_PORT="${COMPAT_PORT:-$("$COMPAT_VENV/bin/python" -c \
   'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')}"
 
@@ -354,6 +402,7 @@ export COMPAT_WORK COMPAT_PORT COFFER_BIN COMPAT_VENV COMPAT_SUITES
 unset COFFER_TOKEN COFFER_URL COFFER_VAULT || true
 
 unshare_args=(-m --propagation private)
+if [[ "${COMPAT_NETNS:-1}" != 0 ]]; then unshare_args+=(-n); fi
 [[ "$(id -u)" == 0 ]] || unshare_args=(-r "${unshare_args[@]}")
 set +e
 unshare "${unshare_args[@]}" -- bash "$SCRIPT_PATH" __inner

@@ -1,6 +1,8 @@
 //! `coffer`: the server, the admin tools and the CLI client in one binary.
 
+mod audit;
 mod identity;
+mod migrate;
 mod output;
 mod secret;
 mod server;
@@ -31,6 +33,8 @@ enum Command {
     /// Manage secrets in a vault (Key Vault API), like `az keyvault secret`.
     #[command(subcommand)]
     Secret(secret::SecretCommand),
+    /// Move secrets out of .env files, stdin or docker-compose files into a vault.
+    Migrate(migrate::MigrateArgs),
     /// Offline administration of a data directory (run where the server's files are).
     #[command(subcommand)]
     Admin(server::AdminCommand),
@@ -55,6 +59,9 @@ enum Command {
     /// The host agent: create/join/run the managed-identity endpoint.
     #[command(subcommand)]
     Agent(identity::AgentCommand),
+    /// The audit log: query, verify the hash chain and signatures, export the public key.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 /// How the CLI reaches a server; read from the environment written to `admin.env`.
@@ -106,6 +113,7 @@ fn main() {
             Command::Server(args) => server::run_server(args).await,
             Command::Vault(cmd) => vault::run(cmd).await,
             Command::Secret(cmd) => secret::run(cmd).await,
+            Command::Migrate(args) => migrate::run(args).await,
             Command::Admin(cmd) => server::run_admin(cmd).await,
             Command::Identity(cmd) => identity::identity(cmd).await,
             Command::Sp(cmd) => identity::sp(cmd).await,
@@ -114,6 +122,7 @@ fn main() {
             Command::Role(cmd) => identity::role(cmd).await,
             Command::Federation(cmd) => identity::federation(cmd).await,
             Command::Agent(cmd) => identity::agent(cmd).await,
+            Command::Audit(cmd) => audit::run(cmd).await,
         }
     });
     if let Err(e) = result {

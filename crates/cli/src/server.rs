@@ -51,6 +51,29 @@ pub struct ServerSettings {
     /// listening port + 1).
     #[arg(long, env = "COFFER_AGENT_LISTEN")]
     agent_listen: Option<String>,
+    /// Audit every request (default on). `off` is for benchmarks only.
+    #[arg(long, env = "COFFER_AUDIT", value_parser = parse_on_off)]
+    audit: Option<bool>,
+    /// Audit log directory (default DATA_DIR/audit).
+    #[arg(long, env = "COFFER_AUDIT_DIR")]
+    audit_dir: Option<PathBuf>,
+    /// Also print audit records to stdout (container logs).
+    #[arg(long, env = "COFFER_AUDIT_STDOUT")]
+    audit_stdout: Option<bool>,
+    /// Prune audit files older than this many days (default: keep all).
+    #[arg(long, env = "COFFER_AUDIT_RETENTION_DAYS")]
+    audit_retention_days: Option<u64>,
+    /// Rotate the audit file beyond this size (default 64 MiB).
+    #[arg(long, env = "COFFER_AUDIT_MAX_FILE_MIB")]
+    audit_max_file_mib: Option<u64>,
+}
+
+fn parse_on_off(text: &str) -> Result<bool, String> {
+    match text {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err("expected on or off".into()),
+    }
 }
 
 #[derive(Args)]
@@ -80,6 +103,11 @@ impl ServerSettings {
             root_key_passphrase_file: self.root_key_passphrase_file.clone(),
             token_lifetime_secs: self.token_lifetime_secs,
             agent_listen: self.agent_listen.clone(),
+            audit: self.audit,
+            audit_dir: self.audit_dir.clone(),
+            audit_stdout: self.audit_stdout,
+            audit_retention_days: self.audit_retention_days,
+            audit_max_file_mib: self.audit_max_file_mib,
         };
         Ok(ServerConfig::resolve(mode, file.overlay(flags), prompt_passphrase)?)
     }

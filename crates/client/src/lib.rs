@@ -5,6 +5,9 @@
 //! not resolve (glibc does not resolve `*.localhost`), the client connects to the address of
 //! the zone itself and still sends the vault's name as `Host` and SNI.
 
+pub mod credential;
+pub mod secrets;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -288,18 +291,7 @@ impl CofferClient {
         if response.status().is_success() {
             return Ok(response);
         }
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        Err(match serde_json::from_str::<ErrorBody>(&text) {
-            Ok(b) => {
-                ClientError::Api { status: status.as_u16(), code: b.error.code, message: b.error.message }
-            }
-            Err(_) => ClientError::Api {
-                status: status.as_u16(),
-                code: status.canonical_reason().unwrap_or("Error").to_owned(),
-                message: "the server returned an error without a body".into(),
-            },
-        })
+        Err(api_error(response).await)
     }
 
     async fn json<T: for<'de> Deserialize<'de>, B: Serialize>(
@@ -470,7 +462,48 @@ impl CofferClient {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// The HTTPS client applications use: system CAs plus `SSL_CERT_FILE` (like the Azure SDKs on
+/// Linux), and for `<vault>.<zone>` names that do not resolve, the zone's address.
+pub(crate) fn app_http_client(vault_url: Option<&str>) -> Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder().use_rustls_tls().timeout(std::time::Duration::from_secs(90));
+    if let Some(path) = std::env::var_os("SSL_CERT_FILE") {
+        let pem = std::fs::read(&path).map_err(|e| {
+            ClientError::Config(format!("cannot read SSL_CERT_FILE {}: {e}", path.to_string_lossy()))
+        })?;
+        for cert in
+            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ClientError::Config(e.to_string()))?
+        {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    if let Some(url) = vault_url {
+        // https://<vault>.<zone>[:port] → the zone is the parent domain.
+        let parsed = Url::parse(url).map_err(|e| ClientError::Config(e.to_string()))?;
+        if let Some((_, zone)) = parsed.host_str().and_then(|h| h.split_once('.')) {
+            builder = builder.dns_resolver(Arc::new(ZoneResolver {
+                zone_suffix: format!(".{zone}"),
+                zone: zone.to_owned(),
+            }));
+        }
+    }
+    builder.build().map_err(|e| ClientError::Config(e.to_string()))
+}
+
+/// Turns an error response into [`ClientError::Api`].
+pub(crate) async fn api_error(response: reqwest::Response) -> ClientError {
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    match serde_json::from_str::<ErrorBody>(&text) {
+        Ok(b) => ClientError::Api { status: status.as_u16(), code: b.error.code, message: b.error.message },
+        Err(_) => ClientError::Api {
+            status: status.as_u16(),
+            code: status.canonical_reason().unwrap_or("Error").to_owned(),
+            message: "the server returned an error without a body".into(),
+        },
+    }
+}
+
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -64,7 +64,12 @@ pub fn issue_for_agent(
                 )),
             },
         };
-    let (token, claims) = state.tokens.issue(&identity.object_id, state.tokens.lifetime_secs());
+    let (token, claims) = state.tokens.issue_attested(
+        &identity.object_id,
+        state.tokens.lifetime_secs(),
+        agent.map(|a| a.display_name.clone()),
+        Some(request.process.clone()),
+    );
     Ok(BrokeredToken {
         access_token: Zeroizing::new(token),
         expires_on: claims.exp,

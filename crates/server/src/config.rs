@@ -30,6 +30,13 @@ pub struct FileConfig {
     pub root_key_passphrase_file: Option<PathBuf>,
     pub token_lifetime_secs: Option<u64>,
     pub agent_listen: Option<String>,
+    /// `true` (default) or `false`: auditing off is for benchmarks only.
+    pub audit: Option<bool>,
+    pub audit_dir: Option<PathBuf>,
+    /// Also write audit records to stdout (for container logs).
+    pub audit_stdout: Option<bool>,
+    pub audit_retention_days: Option<u64>,
+    pub audit_max_file_mib: Option<u64>,
 }
 
 impl FileConfig {
@@ -55,6 +62,11 @@ impl FileConfig {
             root_key_passphrase_file: other.root_key_passphrase_file.or(self.root_key_passphrase_file),
             token_lifetime_secs: other.token_lifetime_secs.or(self.token_lifetime_secs),
             agent_listen: other.agent_listen.or(self.agent_listen),
+            audit: other.audit.or(self.audit),
+            audit_dir: other.audit_dir.or(self.audit_dir),
+            audit_stdout: other.audit_stdout.or(self.audit_stdout),
+            audit_retention_days: other.audit_retention_days.or(self.audit_retention_days),
+            audit_max_file_mib: other.audit_max_file_mib.or(self.audit_max_file_mib),
         }
     }
 }
@@ -100,6 +112,34 @@ pub struct ServerConfig {
     pub token_lifetime_secs: u64,
     /// Dev mode's in-process managed-identity endpoint (plain HTTP, loopback only).
     pub agent_listen: Option<SocketAddr>,
+    pub audit: AuditSettings,
+}
+
+/// Where and how requests are audited.
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    pub enabled: bool,
+    /// Default: `<data dir>/audit`.
+    pub dir: Option<PathBuf>,
+    pub stdout: bool,
+    pub retention_days: Option<u64>,
+    pub max_file_mib: u64,
+}
+
+impl AuditSettings {
+    fn from_file(file: &FileConfig) -> Result<Self, ConfigError> {
+        let max_file_mib = file.audit_max_file_mib.unwrap_or(64);
+        if max_file_mib == 0 {
+            return Err(ConfigError::Invalid("audit_max_file_mib must be at least 1".into()));
+        }
+        Ok(Self {
+            enabled: file.audit.unwrap_or(true),
+            dir: file.audit_dir.clone(),
+            stdout: file.audit_stdout.unwrap_or(false),
+            retention_days: file.audit_retention_days,
+            max_file_mib,
+        })
+    }
 }
 
 fn check_readable(what: &'static str, path: &Path) -> Result<(), ConfigError> {
@@ -131,6 +171,7 @@ impl ServerConfig {
         file: FileConfig,
         passphrase_prompt: impl FnOnce() -> Option<zeroize::Zeroizing<String>>,
     ) -> Result<Self, ConfigError> {
+        let audit = AuditSettings::from_file(&file)?;
         let listen_text = file.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
         let listen: SocketAddr = listen_text
             .parse()
@@ -191,6 +232,7 @@ impl ServerConfig {
                     root_key,
                     token_lifetime_secs,
                     agent_listen,
+                    audit,
                 })
             }
             Mode::Production => {
@@ -251,6 +293,7 @@ impl ServerConfig {
                     root_key,
                     token_lifetime_secs,
                     agent_listen: None,
+                    audit,
                 })
             }
         }

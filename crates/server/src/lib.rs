@@ -222,6 +222,12 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> a
     let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| {
         format!("cannot listen on {} (is another server using the port? pass --listen)", config.listen)
     })?;
+    let audit = if config.audit.enabled {
+        Some(open_audit(&core).await?)
+    } else {
+        tracing::warn!("AUDITING IS OFF: requests are not recorded (for benchmarks only)");
+        None
+    };
     let challenge = AppState::challenge_header(&config.zone, config.public_port, &core.tenant_id);
     let dev_agent = if config.mode == Mode::Dev { Some(core.ensure_dev_agent().await?) } else { None };
     let Core { store, tokens, vaults, directory, keyring, .. } = core;
@@ -235,6 +241,7 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> a
         federation_keys: Default::default(),
         keyring,
         store,
+        audit,
     });
     if let (Some(agent), Some(listener)) = (dev_agent, agent_listener) {
         let broker = Arc::new(broker::LocalBroker { state: state.clone(), agent_id: agent.object_id });
@@ -251,7 +258,7 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> a
         });
     }
     spawn_purger(state.clone(), shutdown.clone());
-    let app = api::router(state);
+    let app = api::router(state.clone());
     println!(
         "coffer ready: listening on https://{} (zone {}, {} mode)",
         config.listen,
@@ -263,7 +270,59 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> a
         r = served => r.context("the listener failed")?,
         _ = shutdown.changed() => {}
     }
+    if let Some(audit) = &state.audit {
+        if let Err(e) = audit.shutdown().await {
+            tracing::error!(error = %e, "closing the audit log failed");
+        }
+    }
     Ok(())
+}
+
+const AUDIT_HMAC_KEY: &str = "audit-hmac";
+const AUDIT_SIGNING_KEY: &str = "audit-signing";
+pub const AUDIT_PUBLIC_KEY_FILE: &str = "audit-public-key.pem";
+
+/// The audit log's keys (kept wrapped under the root key), created on first use.
+async fn audit_keys(
+    core: &Core,
+) -> anyhow::Result<(zeroize::Zeroizing<[u8; 32]>, zeroize::Zeroizing<Vec<u8>>)> {
+    let load = |name: &'static str, make: fn() -> anyhow::Result<zeroize::Zeroizing<Vec<u8>>>| async move {
+        if let Some(blob) = core.store.wrapped_key(name).await? {
+            return Ok::<_, anyhow::Error>(core.keyring.unwrap_material(name, &blob)?);
+        }
+        let material = make()?;
+        core.store.put_wrapped_key(name, core.keyring.wrap_material(name, &material)).await?;
+        Ok(material)
+    };
+    let hmac = load(AUDIT_HMAC_KEY, || {
+        let key = coffer_core::crypto::Key::generate();
+        Ok(zeroize::Zeroizing::new(hex_to_bytes(&key.to_hex())))
+    })
+    .await?;
+    let signing = load(AUDIT_SIGNING_KEY, || Ok(coffer_audit::generate_signing_key()?)).await?;
+    let hmac: [u8; 32] = hmac.as_slice().try_into().context("the stored audit HMAC key is not 32 bytes")?;
+    Ok((zeroize::Zeroizing::new(hmac), signing))
+}
+
+fn hex_to_bytes(hex: &str) -> Vec<u8> {
+    (0..hex.len()).step_by(2).filter_map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok()).collect()
+}
+
+/// Opens the audit log (`<data dir>/audit` unless configured) and publishes its public key.
+async fn open_audit(core: &Core) -> anyhow::Result<coffer_audit::AuditLog> {
+    let settings = &core.config.audit;
+    let dir = settings.dir.clone().unwrap_or_else(|| core.config.data_dir.join("audit"));
+    let (hmac, signing) = audit_keys(core).await?;
+    let mut config = coffer_audit::AuditConfig::new(&dir, hmac, signing);
+    config.stdout = settings.stdout;
+    config.max_file_bytes = settings.max_file_mib * 1024 * 1024;
+    config.retention = settings.retention_days.map(|d| Duration::from_secs(d * 86_400));
+    let log = coffer_audit::AuditLog::open(config).with_context(|| {
+        format!("cannot open the audit log in {} (the server refuses to run unaudited)", dir.display())
+    })?;
+    files::replace_file(&dir.join(AUDIT_PUBLIC_KEY_FILE), log.public_key_pem().as_bytes(), 0o644)
+        .context("cannot write the audit public key")?;
+    Ok(log)
 }
 
 /// Purges soft-deleted secrets past their retention period, once a minute.

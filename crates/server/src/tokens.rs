@@ -48,6 +48,12 @@ pub struct Claims {
     pub iat: u64,
     pub nbf: u64,
     pub exp: u64,
+    /// For managed identities: the agent that attested the process, and what it attested,
+    /// so that every request made with the token can be audited with those facts.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "xms_agent")]
+    pub agent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "xms_proc")]
+    pub process: Option<coffer_core::identity::ProcessFacts>,
 }
 
 struct KeySet {
@@ -172,6 +178,17 @@ impl TokenAuthority {
 
     /// Issues a token for `object_id`, valid for `lifetime_secs` from now.
     pub fn issue(&self, object_id: &str, lifetime_secs: u64) -> (String, Claims) {
+        self.issue_attested(object_id, lifetime_secs, None, None)
+    }
+
+    /// Issues a managed identity's token, carrying the agent and the attested process.
+    pub fn issue_attested(
+        &self,
+        object_id: &str,
+        lifetime_secs: u64,
+        agent: Option<String>,
+        process: Option<coffer_core::identity::ProcessFacts>,
+    ) -> (String, Claims) {
         let now = unix_now();
         let claims = Claims {
             iss: self.issuer.clone(),
@@ -182,6 +199,8 @@ impl TokenAuthority {
             iat: now,
             nbf: now,
             exp: now + lifetime_secs,
+            agent,
+            process,
         };
         let keys = self.keys();
         let mut header = Header::new(Algorithm::ES256);
@@ -294,6 +313,8 @@ mod tests {
             iat: now,
             nbf: now,
             exp: now + 600,
+            agent: None,
+            process: None,
         };
         edit(&mut claims);
         let mut header = Header::new(alg);

@@ -115,6 +115,89 @@ pub struct VaultService {
     store: Arc<dyn Store>,
     keyring: Arc<Keyring>,
     vaults: RwLock<HashMap<String, Arc<Vault>>>,
+    changes: Changes,
+}
+
+/// What changed about a secret; published after the change is committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretChange {
+    /// Position in this server's change sequence (restarts from 1 with a new `epoch`).
+    pub seq: u64,
+    pub vault: String,
+    /// The secret's name, as stored.
+    pub name: String,
+    pub version: Option<String>,
+    pub kind: ChangeKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum ChangeKind {
+    NewVersion,
+    Updated,
+    Deleted,
+    Recovered,
+    Purged,
+    Restored,
+}
+
+/// The in-memory change feed behind the long-poll endpoint: a bounded ring of recent changes
+/// and a notifier. Clients that fall behind the ring (or see a new epoch) re-read the secret.
+pub struct Changes {
+    pub epoch: String,
+    ring: std::sync::Mutex<std::collections::VecDeque<SecretChange>>,
+    next_seq: std::sync::atomic::AtomicU64,
+    notify: tokio::sync::watch::Sender<u64>,
+}
+
+const CHANGE_RING: usize = 4096;
+
+impl Changes {
+    fn new() -> Self {
+        Self {
+            epoch: uuid::Uuid::new_v4().simple().to_string(),
+            ring: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(CHANGE_RING)),
+            next_seq: std::sync::atomic::AtomicU64::new(1),
+            notify: tokio::sync::watch::channel(0).0,
+        }
+    }
+
+    fn publish(&self, vault: &Vault, name: &str, version: Option<&str>, kind: ChangeKind) {
+        let mut ring = self.ring.lock().expect("change ring lock poisoned");
+        let seq = self.next_seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if ring.len() == CHANGE_RING {
+            ring.pop_front();
+        }
+        ring.push_back(SecretChange {
+            seq,
+            vault: vault.record.name.to_string(),
+            name: name.to_owned(),
+            version: version.map(str::to_owned),
+            kind,
+        });
+        drop(ring);
+        self.notify.send_replace(seq);
+    }
+
+    /// Changes after `after` matching `filter`; `None` if `after` fell out of the ring.
+    pub fn since(&self, after: u64, filter: &dyn Fn(&SecretChange) -> bool) -> Option<Vec<SecretChange>> {
+        let ring = self.ring.lock().expect("change ring lock poisoned");
+        if let Some(first) = ring.front() {
+            if after + 1 < first.seq {
+                return None;
+            }
+        }
+        Some(ring.iter().filter(|c| c.seq > after && filter(c)).cloned().collect())
+    }
+
+    /// The latest sequence number published.
+    pub fn head(&self) -> u64 {
+        *self.notify.borrow()
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.notify.subscribe()
+    }
 }
 
 fn now() -> Timestamp {
@@ -129,7 +212,11 @@ impl VaultService {
             let kek = keyring.load_kek(store.as_ref(), &record.id).await?;
             vaults.insert(record.name.as_str().to_owned(), Arc::new(Vault { record, kek }));
         }
-        Ok(Self { store, keyring, vaults: RwLock::new(vaults) })
+        Ok(Self { store, keyring, vaults: RwLock::new(vaults), changes: Changes::new() })
+    }
+
+    pub fn changes(&self) -> &Changes {
+        &self.changes
     }
 
     pub fn vault(&self, name: &str) -> Option<Arc<Vault>> {
@@ -207,6 +294,7 @@ impl VaultService {
         let key = name.key();
         let sealed = SealedValue::seal(&vault.kek, vault.location(&key, version.as_str()), &new.value);
         self.store.add_version(&vault.record.id, name, &props, &sealed).await?;
+        self.changes.publish(vault, name.as_str(), Some(&props.version), ChangeKind::NewVersion);
         Ok(props)
     }
 
@@ -272,7 +360,7 @@ impl VaultService {
             Some(v) => Some(VersionId::parse(v).map_err(|_| ServiceError::NotFound)?),
             None => None,
         };
-        Ok(self
+        let stored = self
             .store
             .update_version(
                 &vault.record.id,
@@ -281,14 +369,18 @@ impl VaultService {
                 patch,
                 now(),
             )
-            .await?)
+            .await?;
+        self.changes.publish(vault, &stored.name, Some(&stored.props.version), ChangeKind::Updated);
+        Ok(stored)
     }
 
     pub async fn delete(&self, vault: &Vault, name: &SecretName) -> Result<DeletedSecret, ServiceError> {
         let now = now();
         let deletion =
             Deletion { deleted_at: now, scheduled_purge: vault.record.policy.scheduled_purge(now) };
-        Ok(self.store.delete_secret(&vault.record.id, &name.key(), deletion).await?)
+        let deleted = self.store.delete_secret(&vault.record.id, &name.key(), deletion).await?;
+        self.changes.publish(vault, &deleted.name, None, ChangeKind::Deleted);
+        Ok(deleted)
     }
 
     pub async fn deleted(&self, vault: &Vault, name: &SecretName) -> Result<DeletedSecret, ServiceError> {
@@ -305,7 +397,9 @@ impl VaultService {
     }
 
     pub async fn recover(&self, vault: &Vault, name: &SecretName) -> Result<StoredVersion, ServiceError> {
-        Ok(self.store.recover(&vault.record.id, &name.key()).await?)
+        let stored = self.store.recover(&vault.record.id, &name.key()).await?;
+        self.changes.publish(vault, &stored.name, Some(&stored.props.version), ChangeKind::Recovered);
+        Ok(stored)
     }
 
     pub async fn purge(&self, vault: &Vault, name: &SecretName) -> Result<(), ServiceError> {
@@ -314,7 +408,9 @@ impl VaultService {
             self.deleted(vault, name).await?;
             return Err(ServiceError::PurgeProtected);
         }
-        Ok(self.store.purge(&vault.record.id, &name.key()).await?)
+        self.store.purge(&vault.record.id, &name.key()).await?;
+        self.changes.publish(vault, name.as_str(), None, ChangeKind::Purged);
+        Ok(())
     }
 
     /// Every version with its value, sealed under the server's backup key.
@@ -359,7 +455,9 @@ impl VaultService {
             })
             .collect();
         self.store.restore(&vault.record.id, &name, versions).await?;
-        self.find(vault, &name, None).await
+        let stored = self.find(vault, &name, None).await?;
+        self.changes.publish(vault, &stored.name, Some(&stored.props.version), ChangeKind::Restored);
+        Ok(stored)
     }
 
     /// Purges soft-deleted secrets past their retention; run periodically.

@@ -7,6 +7,7 @@
 //!
 //! Every method that returns `Ok` after a write has committed it durably.
 
+mod events;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -19,6 +20,7 @@ use coffer_core::model::{
 use coffer_core::names::{SecretName, VaultName};
 use thiserror::Error;
 
+pub use events::*;
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, Error)]
@@ -116,7 +118,7 @@ pub trait DirectoryStore: Send + Sync + 'static {
 
 /// The persistence seam. Implementations: [`SqliteStore`] (embedded default).
 #[async_trait]
-pub trait Store: DirectoryStore {
+pub trait Store: DirectoryStore + EventStore {
     // -- server metadata and wrapped keys --------------------------------------------------
     async fn meta(&self, key: &str) -> Result<Option<Vec<u8>>>;
     /// Sets `key` unless it is set already; returns the value now stored.

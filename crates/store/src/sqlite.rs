@@ -15,6 +15,7 @@ use coffer_core::names::{SecretName, VaultName};
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 
 mod directory;
+mod events;
 
 use crate::{DeletedSecret, Result, SecretSummary, Store, StoreError, StoredVersion, VaultRecord};
 
@@ -154,6 +155,12 @@ fn migrate(conn: &Connection) -> Result<()> {
         conn.execute_batch(&format!(
             "BEGIN IMMEDIATE; {} PRAGMA user_version = 2; COMMIT;",
             directory::SCHEMA_V2
+        ))?;
+    }
+    if version < 3 {
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {} PRAGMA user_version = 3; COMMIT;",
+            events::SCHEMA_V3
         ))?;
     }
     Ok(())

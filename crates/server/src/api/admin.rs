@@ -13,7 +13,9 @@ use coffer_core::names::VaultName;
 use coffer_store::VaultRecord;
 use serde::{Deserialize, Serialize};
 
-use super::{authenticate, json_response, query_pairs, query_value, read_body, ApiError, AppState};
+use super::{
+    authenticate, json_response, query_pairs, query_value, read_body, ApiError, AppState, AuditNote,
+};
 use crate::vaults::ServiceError;
 
 #[derive(Deserialize)]
@@ -90,19 +92,79 @@ fn allow(
         .map_err(super::forbidden_by_rbac)
 }
 
-pub(super) async fn handle(state: &Arc<AppState>, req: Request) -> Response {
-    handle_inner(state, req).await.unwrap_or_else(IntoResponse::into_response)
+pub(super) async fn handle(state: &Arc<AppState>, req: Request, note: &mut AuditNote) -> Response {
+    match handle_inner(state, req, note).await {
+        Ok(response) => response,
+        Err(e) => {
+            if note.denial.is_none() && matches!(e.status.as_u16(), 401 | 403) {
+                note.deny(e.message.clone());
+            }
+            e.into_response()
+        }
+    }
 }
 
-async fn handle_inner(state: &Arc<AppState>, req: Request) -> Result<Response, ApiError> {
+/// Coffer's operation names for the admin API.
+fn operation(segments: &[&str], method: &Method) -> &'static str {
+    let m = method.as_str();
+    match (segments, m) {
+        (["admin", "vaults"], "GET") => "VaultList",
+        (["admin", "vaults"], "POST") => "VaultCreate",
+        (["admin", "vaults", _], "GET") => "VaultGet",
+        (["admin", "vaults", _], "DELETE") => "VaultDelete",
+        (["admin", "principals"], "GET") => "PrincipalList",
+        (["admin", "principals"], "POST") => "PrincipalCreate",
+        (["admin", "principals", _], "GET") => "PrincipalGet",
+        (["admin", "principals", _], "PATCH") => "PrincipalUpdate",
+        (["admin", "principals", _], "DELETE") => "PrincipalDelete",
+        (["admin", "principals", _, "secrets"], _) => "ClientSecretCreate",
+        (["admin", "principals", _, "members", ..], "POST") => "GroupMemberAdd",
+        (["admin", "principals", _, "members", ..], _) => "GroupMemberRemove",
+        (["admin", "agents"], _) => "AgentCreate",
+        (["admin", "bindings"], "GET") => "BindingList",
+        (["admin", "bindings"], "POST") => "BindingCreate",
+        (["admin", "bindings", _], _) => "BindingDelete",
+        (["admin", "federated-credentials"], "GET") => "FederatedCredentialList",
+        (["admin", "federated-credentials"], "POST") => "FederatedCredentialCreate",
+        (["admin", "federated-credentials", _], _) => "FederatedCredentialDelete",
+        (["admin", "role-definitions"], "GET") => "RoleDefinitionList",
+        (["admin", "role-definitions"], "POST") => "RoleDefinitionCreate",
+        (["admin", "role-definitions", _], _) => "RoleDefinitionDelete",
+        (["admin", "role-assignments"], "GET") => "RoleAssignmentList",
+        (["admin", "role-assignments"], "POST") => "RoleAssignmentCreate",
+        (["admin", "role-assignments", _], _) => "RoleAssignmentDelete",
+        (["admin", "signing-keys", "rotate"], _) => "SigningKeyRotate",
+        (["admin", "audit"], _) => "AuditQuery",
+        (["admin", "audit", "public-key"], _) => "AuditPublicKey",
+        _ => "AdminUnknownOperation",
+    }
+}
+
+async fn handle_inner(
+    state: &Arc<AppState>,
+    req: Request,
+    note: &mut AuditNote,
+) -> Result<Response, ApiError> {
     if req.uri().path() == "/healthz" {
+        note.operation = "HealthCheck";
         return ok(StatusCode::OK, &serde_json::json!({ "status": "ok" }));
     }
-    let principal = authenticate(state, req.headers()).await?;
+    {
+        let path = req.uri().path().trim_end_matches('/');
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        note.operation = operation(&segments, req.method());
+        if let (["admin", "vaults", name, ..], true) = (segments.as_slice(), segments.len() >= 3) {
+            note.vault = Some(name.to_ascii_lowercase());
+        }
+    }
+    let principal = authenticate(state, req.headers(), note).await?;
     let pairs = query_pairs(&req);
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().trim_end_matches('/');
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if segments.get(1) == Some(&"audit") {
+        return audit_api(state, &principal, &segments, &pairs).await;
+    }
     if segments.get(1).is_some_and(|s| *s != "vaults") {
         let handled = super::directory::handle(state, &principal, &parts.method, &segments, body).await;
         return handled.unwrap_or_else(|| {
@@ -150,6 +212,60 @@ async fn handle_inner(state: &Arc<AppState>, req: Request) -> Result<Response, A
             Ok(StatusCode::NO_CONTENT.into_response())
         }
         (["admin", "vaults"] | ["admin", "vaults", _], _) => Err(ApiError::method_not_allowed()),
+        _ => Err(ApiError::not_found("NotFound", "The requested path does not exist in the admin API.")),
+    }
+}
+
+fn parse_time(text: &str) -> Result<std::time::SystemTime, ApiError> {
+    let secs = text.parse::<i64>().ok().or_else(|| {
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+            .ok()
+            .map(|t| t.unix_timestamp())
+    });
+    let secs = secs.ok_or_else(|| {
+        ApiError::bad_parameter(format!("'{text}' is not Unix seconds or an RFC 3339 time."))
+    })?;
+    Ok(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64))
+}
+
+/// `GET /admin/audit?…` (query the audit index) and `GET /admin/audit/public-key`.
+async fn audit_api(
+    state: &Arc<AppState>,
+    principal: &Principal,
+    segments: &[&str],
+    pairs: &[(String, String)],
+) -> Result<Response, ApiError> {
+    allow(state, principal, Action::AuditRead, Resource::Server)?;
+    let audit = state.audit.as_ref().ok_or_else(|| {
+        ApiError::new(StatusCode::NOT_FOUND, "AuditDisabled", "Auditing is switched off on this server.")
+    })?;
+    match segments {
+        ["admin", "audit", "public-key"] => ok(
+            StatusCode::OK,
+            &serde_json::json!({ "publicKey": audit.public_key_pem(), "keyId": audit.key_id() }),
+        ),
+        ["admin", "audit"] => {
+            let get = |k: &str| query_value(pairs, k).filter(|v| !v.is_empty());
+            let number = |k: &str| -> Result<Option<u64>, ApiError> {
+                get(k)
+                    .map(|v| v.parse::<u64>())
+                    .transpose()
+                    .map_err(|_| ApiError::bad_parameter(format!("{k} is a number")))
+            };
+            let q = coffer_audit::AuditQuery {
+                since: get("since").map(parse_time).transpose()?,
+                until: get("until").map(parse_time).transpose()?,
+                principal: get("principal").map(str::to_owned),
+                secret: get("secret").map(str::to_owned),
+                vault: get("vault").map(str::to_owned),
+                operation: get("operation").map(str::to_owned),
+                result: get("result").map(str::parse).transpose().map_err(ApiError::bad_parameter)?,
+                limit: number("limit")?.map_or(100, |l| l as usize),
+                after: number("after")?,
+            };
+            let page = audit.query(q).await.map_err(|e| ApiError::internal(&e.to_string()))?;
+            ok(StatusCode::OK, &serde_json::json!({ "value": page.records, "next": page.next }))
+        }
         _ => Err(ApiError::not_found("NotFound", "The requested path does not exist in the admin API.")),
     }
 }

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::json;
 use zeroize::Zeroizing;
 
-use super::{read_body, AppState};
+use super::{read_body, AppState, AuditNote};
 use crate::tokens::unix_now;
 
 /// An OAuth error, in Entra's shape.
@@ -68,24 +68,56 @@ fn json_ok(status: StatusCode, body: serde_json::Value) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json; charset=utf-8")], body.to_string()).into_response()
 }
 
-pub(super) async fn handle(state: &Arc<AppState>, host: &str, req: Request) -> Response {
+pub(super) async fn handle(
+    state: &Arc<AppState>,
+    host: &str,
+    req: Request,
+    note: &mut AuditNote,
+) -> Response {
     let path = req.uri().path().trim_end_matches('/').to_owned();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let base = format!("https://{host}");
-    match (req.method(), segments.as_slice()) {
-        (&Method::GET, ["adfs", ".well-known", "openid-configuration"]) => json_ok(
+    note.operation = match (req.method(), segments.as_slice()) {
+        (_, [.., ".well-known", "openid-configuration"]) => "OpenIdConfiguration",
+        (_, [.., "keys"]) => "Jwks",
+        (_, ["common", "discovery", "instance"]) => "InstanceDiscovery",
+        (_, [.., "token"]) if segments.first() != Some(&"coffer") => "TokenIssue",
+        (_, ["coffer", "agents", "join"]) => "AgentJoin",
+        (_, ["coffer", "agents", "token"]) => "ManagedIdentityTokenIssue",
+        _ => "TokenServiceUnknownOperation",
+    };
+    let response = route_request(state, &base, &segments, req, note).await;
+    response.unwrap_or_else(|e| {
+        if note.denial.is_none() {
+            note.deny(e.description.clone());
+        }
+        e.into_response()
+    })
+}
+
+async fn route_request(
+    state: &Arc<AppState>,
+    base: &str,
+    segments: &[&str],
+    req: Request,
+    note: &mut AuditNote,
+) -> Result<Response, OAuthError> {
+    let base = base.to_owned();
+    let base = base.as_str();
+    Ok(match (req.method().clone(), segments) {
+        (Method::GET, ["adfs", ".well-known", "openid-configuration"]) => json_ok(
             StatusCode::OK,
-            openid_configuration(state, &base, "adfs", "/adfs/oauth2/token", "/adfs/discovery/keys"),
+            openid_configuration(state, base, "adfs", "/adfs/oauth2/token", "/adfs/discovery/keys"),
         ),
-        (&Method::GET, [tenant, "v2.0", ".well-known", "openid-configuration"]) => {
+        (Method::GET, [tenant, "v2.0", ".well-known", "openid-configuration"]) => {
             let token = format!("/{tenant}/oauth2/v2.0/token");
             let keys = format!("/{tenant}/discovery/v2.0/keys");
-            json_ok(StatusCode::OK, openid_configuration(state, &base, tenant, &token, &keys))
+            json_ok(StatusCode::OK, openid_configuration(state, base, tenant, &token, &keys))
         }
-        (&Method::GET, [_, "discovery", "v2.0", "keys"] | ["adfs", "discovery", "keys"]) => {
+        (Method::GET, [_, "discovery", "v2.0", "keys"] | ["adfs", "discovery", "keys"]) => {
             json_ok(StatusCode::OK, state.tokens.jwks())
         }
-        (&Method::GET, ["common", "discovery", "instance"]) => json_ok(
+        (Method::GET, ["common", "discovery", "instance"]) => json_ok(
             StatusCode::OK,
             json!({
                 "tenant_discovery_endpoint": format!("{base}/{}/v2.0/.well-known/openid-configuration", state.tokens.tenant()),
@@ -93,24 +125,21 @@ pub(super) async fn handle(state: &Arc<AppState>, host: &str, req: Request) -> R
                 "metadata": [],
             }),
         ),
+        (Method::POST, ["coffer", "agents", "join"]) => agent_join(state, req, note).await?,
+        (Method::POST, ["coffer", "agents", "token"]) => agent_token(state, req, note).await?,
         (
-            &Method::POST,
+            Method::POST,
             [_, "oauth2", "v2.0", "token"] | ["adfs", "oauth2", "token"] | [_, "oauth2", "token"],
-        ) => token_endpoint(state, &base, req).await.unwrap_or_else(IntoResponse::into_response),
-        (&Method::POST, ["coffer", "agents", "join"]) => {
-            agent_join(state, req).await.unwrap_or_else(IntoResponse::into_response)
+        ) => token_endpoint(state, base, req, note).await?,
+        _ => {
+            return Err(OAuthError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                90002,
+                "No such endpoint at the token service.",
+            ))
         }
-        (&Method::POST, ["coffer", "agents", "token"]) => {
-            agent_token(state, req).await.unwrap_or_else(IntoResponse::into_response)
-        }
-        _ => OAuthError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            90002,
-            "No such endpoint at the token service.",
-        )
-        .into_response(),
-    }
+    })
 }
 
 fn openid_configuration(
@@ -147,9 +176,20 @@ fn field<'a>(form: &'a [(String, Zeroizing<String>)], key: &str) -> Option<&'a s
     form.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty())
 }
 
-async fn token_endpoint(state: &Arc<AppState>, base: &str, req: Request) -> Result<Response, OAuthError> {
+async fn token_endpoint(
+    state: &Arc<AppState>,
+    base: &str,
+    req: Request,
+    note: &mut AuditNote,
+) -> Result<Response, OAuthError> {
     let path = req.uri().path().to_owned();
     let form = form(req).await?;
+    // Traceable to the credential without recording it.
+    let credential =
+        field(&form, "client_secret").or(field(&form, "client_assertion")).or(field(&form, "password"));
+    if let (Some(audit), Some(c)) = (&state.audit, credential) {
+        note.credential_hmac = Some(audit.hmac(c.as_bytes()));
+    }
     let scope = field(&form, "scope").unwrap_or_default();
     let resource = scope.split_whitespace().find_map(|s| s.strip_suffix("/.default")).ok_or_else(|| {
         OAuthError::new(
@@ -186,6 +226,7 @@ async fn token_endpoint(state: &Arc<AppState>, base: &str, req: Request) -> Resu
     let lifetime = state.tokens.lifetime_secs();
     let (token, _) = state.tokens.issue(&principal.object_id, lifetime);
     tracing::info!(principal = %principal.display_name, kind = principal.kind.as_str(), "issued an access token");
+    note.principal = Some(principal.clone());
     Ok(json_ok(
         StatusCode::OK,
         json!({ "token_type": "Bearer", "expires_in": lifetime, "ext_expires_in": lifetime, "access_token": token }),
@@ -422,7 +463,11 @@ struct JoinRequest {
 }
 
 /// Redeems a one-time join token for an agent's node credential.
-async fn agent_join(state: &Arc<AppState>, req: Request) -> Result<Response, OAuthError> {
+async fn agent_join(
+    state: &Arc<AppState>,
+    req: Request,
+    note: &mut AuditNote,
+) -> Result<Response, OAuthError> {
     let body = read_body(req.into_body(), 64 * 1024)
         .await
         .map_err(|_| OAuthError::invalid_request("body too large"))?;
@@ -457,6 +502,7 @@ async fn agent_join(state: &Arc<AppState>, req: Request) -> Result<Response, OAu
             OAuthError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", 50000, e.to_string())
         })?;
     tracing::info!(agent = %agent.display_name, "agent joined");
+    note.principal = Some(agent.clone());
     Ok(json_ok(
         StatusCode::OK,
         json!({
@@ -470,9 +516,14 @@ async fn agent_join(state: &Arc<AppState>, req: Request) -> Result<Response, OAu
 }
 
 /// A joined agent asks for a workload's token, with the facts it attested.
-async fn agent_token(state: &Arc<AppState>, req: Request) -> Result<Response, OAuthError> {
-    let principal =
-        super::authenticate(state, req.headers()).await.map_err(|e| OAuthError::invalid_client(e.message))?;
+async fn agent_token(
+    state: &Arc<AppState>,
+    req: Request,
+    note: &mut AuditNote,
+) -> Result<Response, OAuthError> {
+    let principal = super::authenticate(state, req.headers(), note)
+        .await
+        .map_err(|e| OAuthError::invalid_client(e.message))?;
     if principal.kind != PrincipalKind::Agent {
         return Err(OAuthError::new(
             StatusCode::FORBIDDEN,
@@ -486,8 +537,13 @@ async fn agent_token(state: &Arc<AppState>, req: Request) -> Result<Response, OA
         .map_err(|_| OAuthError::invalid_request("body too large"))?;
     let request: BrokerRequest = serde_json::from_slice(&body)
         .map_err(|e| OAuthError::invalid_request(format!("bad request: {e}")))?;
+    note.agent = Some(principal.display_name.clone());
+    note.process = Some(request.process.clone());
     match crate::broker::issue_for_agent(state, &principal.object_id, &request) {
-        Ok(token) => Ok(json_ok(StatusCode::OK, serde_json::to_value(&token).expect("token serializes"))),
+        Ok(token) => {
+            note.grant = Some(format!("managed identity {} bound to this agent", token.client_id));
+            Ok(json_ok(StatusCode::OK, serde_json::to_value(&token).expect("token serializes")))
+        }
         Err(BrokerError::NotBound(msg)) => {
             Err(OAuthError::new(StatusCode::FORBIDDEN, "forbidden", 700017, msg))
         }

@@ -15,6 +15,7 @@ use coffer_store::DeletedSecret;
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
+use super::AuditNote;
 use super::{authenticate, query_pairs, query_value, read_body, ApiError, AppState};
 use crate::vaults::NewSecret;
 
@@ -38,6 +39,8 @@ enum Route<'a> {
     ListDeleted,
     Recover(&'a str),
     Purge(&'a str),
+    /// Coffer's change feed (long poll) beside the Key Vault API: `GET /coffer/changes`.
+    Changes,
 }
 
 impl Route<'_> {
@@ -54,6 +57,7 @@ impl Route<'_> {
             Route::Restore => Action::SecretRestore,
             Route::Recover(_) => Action::SecretRecover,
             Route::Purge(_) => Action::SecretPurge,
+            Route::Changes => Action::SecretReadMetadata,
         }
     }
 
@@ -68,7 +72,7 @@ impl Route<'_> {
             | Route::GetDeleted(n)
             | Route::Recover(n)
             | Route::Purge(n) => Some(n),
-            Route::List | Route::Restore | Route::ListDeleted => None,
+            Route::List | Route::Restore | Route::ListDeleted | Route::Changes => None,
         }
     }
 }
@@ -97,6 +101,7 @@ fn route<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, ApiError> {
         (["deletedsecrets", name], &Method::GET) => Route::GetDeleted(name),
         (["deletedsecrets", name], &Method::DELETE) => Route::Purge(name),
         (["deletedsecrets", name, "recover"], &Method::POST) => Route::Recover(name),
+        (["coffer", "changes"], &Method::GET) => Route::Changes,
         (["secrets"] | ["secrets", ..] | ["deletedsecrets"] | ["deletedsecrets", ..], _)
             if segments.len() <= 3 =>
         {
@@ -132,10 +137,44 @@ pub(super) async fn handle(
     vault_name: String,
     host: String,
     req: Request,
+    note: &mut AuditNote,
 ) -> Response {
-    match handle_inner(state, vault_name, host, req).await {
+    match handle_inner(state, vault_name, host, req, note).await {
         Ok(response) => response,
-        Err(e) => e.into_response(),
+        Err(e) => {
+            if note.denial.is_none() && matches!(e.status.as_u16(), 401 | 403) {
+                note.deny(e.message.clone());
+            }
+            e.into_response()
+        }
+    }
+}
+
+impl Route<'_> {
+    /// Key Vault's operation name, as its diagnostic logs spell it.
+    fn operation(&self) -> &'static str {
+        match self {
+            Route::Set(_) => "SecretSet",
+            Route::Get(..) => "SecretGet",
+            Route::List => "SecretList",
+            Route::ListVersions(_) => "SecretListVersions",
+            Route::Update(..) => "SecretUpdate",
+            Route::Delete(_) => "SecretDelete",
+            Route::Backup(_) => "SecretBackup",
+            Route::Restore => "SecretRestore",
+            Route::GetDeleted(_) => "SecretGetDeleted",
+            Route::ListDeleted => "SecretListDeleted",
+            Route::Recover(_) => "SecretRecover",
+            Route::Purge(_) => "SecretPurge",
+            Route::Changes => "SecretChangesWatch",
+        }
+    }
+
+    fn version(&self) -> Option<&str> {
+        match self {
+            Route::Get(_, v) | Route::Update(_, v) => *v,
+            _ => None,
+        }
     }
 }
 
@@ -144,21 +183,32 @@ async fn handle_inner(
     vault_name: String,
     host: String,
     req: Request,
+    note: &mut AuditNote,
 ) -> Result<Response, ApiError> {
+    let path = req.uri().path().to_owned();
+    let routed = route(req.method(), &path);
+    note.vault = Some(vault_name.clone());
+    note.operation = routed.as_ref().map_or("SecretUnknownOperation", Route::operation);
+    if let Ok(r) = &routed {
+        note.secret = r.secret().map(str::to_owned);
+        note.version = r.version().map(str::to_owned);
+    }
     // 1. Authenticate before looking at anything else: the SDKs' first request is bodiless.
-    let principal = authenticate(state, req.headers()).await?;
+    let principal = authenticate(state, req.headers(), note).await?;
     let pairs = query_pairs(&req);
     check_api_version(query_value(&pairs, "api-version"))?;
-    let (parts, body) = req.into_parts();
-    let route = route(&parts.method, parts.uri.path())?;
+    let (_, body) = req.into_parts();
+    let route = routed?;
     let vault = state.vaults.vault(&vault_name).ok_or_else(|| {
         ApiError::not_found(
             "VaultNotFound",
             format!("The vault '{vault_name}' does not exist on this server."),
         )
     })?;
+    let watched = if route == Route::Changes { query_value(&pairs, "secret") } else { None };
     let name = route
         .secret()
+        .or(watched)
         .map(|n| SecretName::parse(n).map_err(|e| ApiError::bad_parameter(e.to_string())))
         .transpose()?;
 
@@ -168,8 +218,13 @@ async fn handle_inner(
         None => Resource::Vault(vault.record.name.as_str()),
     };
     let snapshot = state.directory.snapshot();
-    let _grant =
-        snapshot.rbac.authorize(&principal, route.action(), resource).map_err(super::forbidden_by_rbac)?;
+    match snapshot.rbac.authorize(&principal, route.action(), resource) {
+        Ok(grant) => note.grant = Some(format!("{} ({})", grant.role, grant.assignment_id)),
+        Err(denial) => {
+            note.deny(denial.to_string());
+            return Err(super::forbidden_by_rbac(denial));
+        }
+    }
 
     // 3. Execute.
     let limit = if route == Route::Restore { RESTORE_BODY_LIMIT } else { BODY_LIMIT };
@@ -192,6 +247,7 @@ async fn handle_inner(
     };
 
     let response = match route {
+        Route::Changes => watch_changes(state, &vault.record.name.to_string(), name_ref, &pairs).await,
         Route::Set(_) => {
             let name = name_ref.expect("set has a name");
             let mut raw = body.to_vec();
@@ -212,12 +268,14 @@ async fn handle_inner(
                 expires: attributes.exp,
             };
             let props = svc.set(&vault, name, new).await.map_err(fail(None))?;
+            note.version = Some(props.version.clone());
             let display = name.as_str();
             ok_json(&ctx.bundle(display, &props, Some(value.as_str())))
         }
         Route::Get(_, version) => {
             let (stored, value) =
                 svc.get(&vault, name_ref.expect("named"), version).await.map_err(fail(version))?;
+            note.version = Some(stored.props.version.clone());
             ok_json(&ctx.bundle(&stored.name, &stored.props, Some(value.expose())))
         }
         Route::List => {
@@ -298,10 +356,55 @@ async fn handle_inner(
                 .restore(&vault, &parsed.value)
                 .await
                 .map_err(|e| ApiError::from_service(e, "in the backup"))?;
+            note.secret = Some(stored.name.clone());
+            note.version = Some(stored.props.version.clone());
             ok_json(&ctx.bundle(&stored.name, &stored.props, None))
         }
     };
     response
+}
+
+/// Longest a change-feed request waits for a change.
+const MAX_WAIT_SECS: u64 = 55;
+
+/// `GET /coffer/changes?[secret=NAME]&after=SEQ&epoch=E&wait=SECS`: the changes after `after`
+/// (for one secret, or the whole vault), waiting up to `wait` seconds for one. `reset: true`
+/// means the caller missed changes (server restart or fell behind): re-read what it caches.
+async fn watch_changes(
+    state: &Arc<AppState>,
+    vault: &str,
+    secret: Option<&SecretName>,
+    pairs: &[(String, String)],
+) -> Result<Response, ApiError> {
+    let changes = state.vaults.changes();
+    let after: u64 = match query_value(pairs, "after") {
+        Some(a) => a.parse().map_err(|_| ApiError::bad_parameter("after must be a sequence number"))?,
+        None => changes.head(),
+    };
+    let wait =
+        query_value(pairs, "wait").and_then(|w| w.parse::<u64>().ok()).unwrap_or(25).min(MAX_WAIT_SECS);
+    let same_epoch = query_value(pairs, "epoch").is_none_or(|e| e == changes.epoch);
+    let key = secret.map(SecretName::key);
+    let matches = |c: &crate::vaults::SecretChange| {
+        c.vault == vault && key.as_deref().is_none_or(|k| c.name.eq_ignore_ascii_case(k))
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait);
+    let mut rx = changes.subscribe();
+    let (found, reset) = loop {
+        if !same_epoch {
+            break (Vec::new(), true);
+        }
+        match changes.since(after, &matches) {
+            None => break (Vec::new(), true),
+            Some(found) if !found.is_empty() => break (found, false),
+            Some(_) => {}
+        }
+        if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            break (Vec::new(), false);
+        }
+    };
+    let head = found.last().map_or_else(|| changes.head().max(after), |c| c.seq);
+    ok_json(&serde_json::json!({ "epoch": changes.epoch, "head": head, "reset": reset, "changes": found }))
 }
 
 fn deleted_not_found(name: &SecretName) -> ApiError {

@@ -21,7 +21,6 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use coffer_core::authz::Principal;
@@ -46,6 +45,8 @@ pub struct AppState {
     pub federation_keys: FederationKeys,
     pub keyring: Arc<Keyring>,
     pub store: Arc<dyn Store>,
+    /// `None` only when auditing was switched off (benchmarks).
+    pub audit: Option<coffer_audit::AuditLog>,
 }
 
 impl AppState {
@@ -122,32 +123,151 @@ fn target(zone: &str, host: Option<&str>) -> Target {
 pub struct PeerAddr(pub SocketAddr);
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new().fallback(dispatch).with_state(state).layer(middleware::from_fn(request_id))
+    Router::new().fallback(dispatch).with_state(state)
 }
 
-async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response {
-    let host = request_host(&req);
-    match target(&state.zone, host.as_deref()) {
-        Target::Vault(vault) => keyvault::handle(&state, vault, host.unwrap_or_default(), req).await,
-        Target::Root => admin::handle(&state, req).await,
-        Target::Login => identity::handle(&state, &host.unwrap_or_default(), req).await,
-        Target::Unknown => {
-            ApiError::not_found("NotFound", "No service is served at this host name.").into_response()
-        }
+/// What a handler learned about its request, for the request's audit record.
+#[derive(Default)]
+pub struct AuditNote {
+    /// Key Vault's operation name where one exists, else Coffer's (`VaultCreate`, `TokenIssue`…).
+    pub operation: &'static str,
+    pub principal: Option<Principal>,
+    pub vault: Option<String>,
+    pub secret: Option<String>,
+    pub version: Option<String>,
+    /// The role and assignment that allowed the request.
+    pub grant: Option<String>,
+    /// Why it was refused.
+    pub denial: Option<String>,
+    /// HMAC of the bearer token or client credential used.
+    pub credential_hmac: Option<String>,
+    /// For managed identities: the agent and attested process (from the token, or from the
+    /// agent's request).
+    pub agent: Option<String>,
+    pub process: Option<coffer_core::identity::ProcessFacts>,
+}
+
+impl AuditNote {
+    pub fn deny(&mut self, reason: impl Into<String>) {
+        self.denial = Some(reason.into());
     }
 }
 
-async fn request_id(req: Request, next: Next) -> Response {
-    let id = uuid::Uuid::new_v4().to_string();
-    let mut response = next.run(req).await;
+/// Every request: route by host, run the handler, write the audit record, then respond. A
+/// request whose record cannot be written durably gets a 503 instead of its response (fail
+/// closed: no secret leaves without its audit record).
+async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let started = std::time::Instant::now();
+    let time = std::time::SystemTime::now();
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let client_ip = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
+    let user_agent = req.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let health_check = req.uri().path() == "/healthz";
+    let host = request_host(&req);
+    let mut note = AuditNote::default();
+    let mut response = match target(&state.zone, host.as_deref()) {
+        Target::Vault(vault) => {
+            keyvault::handle(&state, vault, host.unwrap_or_default(), req, &mut note).await
+        }
+        Target::Root => admin::handle(&state, req, &mut note).await,
+        Target::Login => identity::handle(&state, &host.unwrap_or_default(), req, &mut note).await,
+        Target::Unknown => {
+            note.operation = "UnknownHost";
+            ApiError::not_found("NotFound", "No service is served at this host name.").into_response()
+        }
+    };
+    if let (Some(audit), false) = (&state.audit, health_check) {
+        let event = audit_event(note, &response, time, started, &request_id, client_ip, user_agent);
+        if let Err(e) = audit.record(event).await {
+            tracing::error!(request_id = %request_id, error = %e, "audit record not durable: request refused (fail closed)");
+            response = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "AuditUnavailable",
+                "The request could not be recorded in the audit log, so its result is withheld. Free space or fix \
+                 the audit directory, then retry.",
+            )
+            .into_response();
+        }
+    }
     // Invariant: a UUID is a valid header value.
-    response.headers_mut().insert("x-ms-request-id", HeaderValue::from_str(&id).expect("uuid header"));
     response
+        .headers_mut()
+        .insert("x-ms-request-id", HeaderValue::from_str(&request_id).expect("uuid header"));
+    response
+}
+
+fn audit_event(
+    note: AuditNote,
+    response: &Response,
+    time: std::time::SystemTime,
+    started: std::time::Instant,
+    request_id: &str,
+    client_ip: Option<std::net::IpAddr>,
+    user_agent: Option<String>,
+) -> coffer_audit::AuditEvent {
+    let status = response.status();
+    let result = if status.is_success() || status.is_redirection() {
+        coffer_audit::AuditResult::Allowed
+    } else if matches!(status.as_u16(), 401 | 403 | 429) {
+        coffer_audit::AuditResult::Denied
+    } else {
+        coffer_audit::AuditResult::Failed
+    };
+    let process = note.process.map(|p| coffer_audit::ProcessFacts {
+        pid: p.pid,
+        uid: p.uid,
+        gid: p.gid,
+        exe: p.exe,
+        cgroup: p.cgroup,
+    });
+    let principal = note.principal.map(|p| coffer_audit::AuditPrincipal {
+        id: p.object_id,
+        display_name: p.display_name,
+        kind: p.kind.as_str().to_owned(),
+        agent: note.agent.clone(),
+        process: process.clone(),
+    });
+    coffer_audit::AuditEvent {
+        time,
+        request_id: request_id.to_owned(),
+        operation: if note.operation.is_empty() { "Unknown".into() } else { note.operation.into() },
+        result,
+        status: status.as_u16(),
+        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+        client_ip,
+        user_agent,
+        principal,
+        resource: coffer_audit::AuditResource {
+            vault: note.vault,
+            secret: note.secret,
+            version: note.version,
+        },
+        grant: note.grant,
+        denial_reason: note.denial,
+        credential_hmac: note.credential_hmac,
+    }
 }
 
 /// Authentication: a valid Coffer access token naming an existing, enabled principal.
 /// Anything else is a 401 with the challenge the SDKs need.
-async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
+async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+    note: &mut AuditNote,
+) -> Result<Principal, ApiError> {
+    let result = authenticate_inner(state, headers, note);
+    match &result {
+        Ok(p) => note.principal = Some(p.clone()),
+        Err(e) => note.deny(e.message.clone()),
+    }
+    result
+}
+
+fn authenticate_inner(
+    state: &AppState,
+    headers: &HeaderMap,
+    note: &mut AuditNote,
+) -> Result<Principal, ApiError> {
     let unauthorized = |message: &str| ApiError::unauthorized(message, state.challenge.clone());
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(unauthorized("Request is missing a Bearer or PoP token."));
@@ -159,10 +279,15 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim())
         .ok_or_else(|| unauthorized("The Authorization header is not a Bearer token."))?;
+    if let Some(audit) = &state.audit {
+        note.credential_hmac = Some(audit.hmac(token.as_bytes()));
+    }
     let claims = state
         .tokens
         .verify(token)
         .map_err(|e| unauthorized(&format!("The access token is not valid: {e}.")))?;
+    note.agent = claims.agent.clone();
+    note.process = claims.process.clone();
     // The directory snapshot is current: a disabled or deleted principal fails here on the
     // very next request, whatever its token's expiry.
     let snapshot = state.directory.snapshot();

@@ -1,0 +1,483 @@
+//! Coffer's audit log: one record per request, durable before the request is answered,
+//! hash-chained, with signed checkpoints, rotated JSON-lines files and an SQLite index for
+//! queries. See `README.md` in this crate for the file layout, the formats and the exact
+//! guarantees of [`verify`].
+//!
+//! * [`AuditLog::open`] resumes (or starts) the log in [`AuditConfig::dir`].
+//! * [`AuditLog::record`] resolves once the record is fsync'd in the JSONL file *and* committed
+//!   in the index; concurrent callers share one write, one fsync and one transaction (group
+//!   commit). An `Err` means the record is not durable: the caller must fail the request (503).
+//! * [`AuditLog::query`] answers from indexed columns.
+//! * [`verify`] checks files offline with the exported public key.
+//!
+//! No field can carry a secret value, token, client secret or passphrase; credentials appear
+//! only as [`AuditLog::hmac`] output (`hmac-sha256:<hex>`), which [`AuditLog::record`] enforces.
+
+mod canon;
+mod event;
+mod files;
+mod index;
+mod keys;
+mod verify;
+mod writer;
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use rusqlite::Connection;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+use zeroize::Zeroizing;
+
+pub use keys::{generate_signing_key, public_key_pem_from_pkcs8};
+pub use verify::{verify, verify_with_keys, Problem, ProblemKind, VerifyReport};
+
+/// Where and how the audit log is written.
+#[derive(Clone)]
+pub struct AuditConfig {
+    /// Holds `audit.jsonl`, the rotated `audit-<first>-<last>.jsonl` files, `index.sqlite` and
+    /// a `lock` file. Created (0700) if missing.
+    pub dir: PathBuf,
+    /// Also print every durable record and checkpoint as one JSON line on stdout.
+    pub stdout: bool,
+    /// Rotate `audit.jsonl` once it is at least this large (default 64 MiB).
+    pub max_file_bytes: u64,
+    /// … or once its first line is this old (default 24 h).
+    pub max_file_age: Duration,
+    /// Delete rotated files (and their index rows) whose newest record is older than this.
+    /// `None` keeps everything.
+    pub retention: Option<Duration>,
+    /// Write a signed checkpoint after this many records (default 1000) …
+    pub checkpoint_every: u64,
+    /// … or this long after the previous one (default 60 s), whichever comes first, and only
+    /// if there are new records.
+    pub checkpoint_interval: Duration,
+    /// Key of the keyed hash used for credentials ([`AuditLog::hmac`]).
+    pub hmac_key: Zeroizing<[u8; 32]>,
+    /// Checkpoint signing key: **Ed25519**, PKCS#8 DER (v1 or v2). See [`generate_signing_key`].
+    pub signing_key_pkcs8: Zeroizing<Vec<u8>>,
+    /// Group commit: at most this many records per write + fsync + transaction (default 512).
+    pub max_batch: usize,
+    /// Recovery flag (default `false`). When [`AuditLog::open`] finds the log damaged where it
+    /// cannot be explained by a crash (a record covered by the signed head is missing or
+    /// altered, the head or the files are missing, complete but corrupt lines after the head),
+    /// it refuses with [`AuditError::Damaged`]. With `recover = true` it instead keeps the
+    /// damaged file as it is (renamed as a rotated file, so `verify` keeps reporting the
+    /// damage), starts a new file with a signed checkpoint that names the reason, and continues
+    /// the sequence numbers after everything seen.
+    pub recover: bool,
+}
+
+impl AuditConfig {
+    /// A configuration with the defaults above.
+    pub fn new(
+        dir: impl Into<PathBuf>,
+        hmac_key: Zeroizing<[u8; 32]>,
+        signing_key_pkcs8: Zeroizing<Vec<u8>>,
+    ) -> Self {
+        Self {
+            dir: dir.into(),
+            stdout: false,
+            max_file_bytes: 64 * 1024 * 1024,
+            max_file_age: Duration::from_secs(24 * 3600),
+            retention: None,
+            checkpoint_every: 1000,
+            checkpoint_interval: Duration::from_secs(60),
+            hmac_key,
+            signing_key_pkcs8,
+            max_batch: 512,
+            recover: false,
+        }
+    }
+}
+
+impl fmt::Debug for AuditConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuditConfig")
+            .field("dir", &self.dir)
+            .field("stdout", &self.stdout)
+            .field("max_file_bytes", &self.max_file_bytes)
+            .field("max_file_age", &self.max_file_age)
+            .field("retention", &self.retention)
+            .field("checkpoint_every", &self.checkpoint_every)
+            .field("checkpoint_interval", &self.checkpoint_interval)
+            .field("hmac_key", &"<redacted>")
+            .field("signing_key_pkcs8", &"<redacted>")
+            .field("max_batch", &self.max_batch)
+            .field("recover", &self.recover)
+            .finish()
+    }
+}
+
+/// The outcome of a request, as recorded (`resultType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum AuditResult {
+    /// Authorized and served (`"Success"`).
+    Allowed,
+    /// Refused by authentication, authorization or a limit (`"Denied"`): 401, 403, 429 ….
+    Denied,
+    /// Authorized but failed (`"Failed"`): 404, 409, 5xx ….
+    Failed,
+}
+
+impl AuditResult {
+    /// The `resultType` written in records.
+    pub fn result_type(self) -> &'static str {
+        match self {
+            AuditResult::Allowed => "Success",
+            AuditResult::Denied => "Denied",
+            AuditResult::Failed => "Failed",
+        }
+    }
+}
+
+impl FromStr for AuditResult {
+    type Err = String;
+    /// Accepts `allowed`/`success`, `denied`, `failed` (any case).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "allowed" | "success" => Ok(AuditResult::Allowed),
+            "denied" => Ok(AuditResult::Denied),
+            "failed" => Ok(AuditResult::Failed),
+            _ => Err(format!("unknown audit result {s:?} (expected allowed, denied or failed)")),
+        }
+    }
+}
+
+/// Attested facts about the calling process (managed identities).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessFacts {
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub exe: String,
+    pub cgroup: Option<String>,
+}
+
+/// Who made the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditPrincipal {
+    pub id: String,
+    pub display_name: String,
+    /// e.g. `User`, `ServicePrincipal`, `ManagedIdentity`.
+    pub kind: String,
+    /// The agent that vouched for a managed identity.
+    pub agent: Option<String>,
+    pub process: Option<ProcessFacts>,
+}
+
+/// What the request was about.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditResource {
+    pub vault: Option<String>,
+    pub secret: Option<String>,
+    pub version: Option<String>,
+}
+
+/// One request, as the server saw it. Strings longer than 1024 bytes are cut (at a character
+/// boundary, marked with `…`).
+#[derive(Debug, Clone)]
+pub struct AuditEvent {
+    pub time: SystemTime,
+    pub request_id: String,
+    /// Key Vault's operation name where one exists (`SecretGet`, `SecretSet`, …).
+    pub operation: String,
+    pub result: AuditResult,
+    pub status: u16,
+    pub duration_ms: f64,
+    pub client_ip: Option<IpAddr>,
+    pub user_agent: Option<String>,
+    pub principal: Option<AuditPrincipal>,
+    pub resource: AuditResource,
+    /// The role assignment or role that allowed the request.
+    pub grant: Option<String>,
+    pub denial_reason: Option<String>,
+    /// Must be output of [`AuditLog::hmac`]; anything else is rejected by [`AuditLog::record`].
+    pub credential_hmac: Option<String>,
+}
+
+/// Errors of the audit log. Every error of [`AuditLog::record`] means "not durable": fail the
+/// request closed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuditError {
+    /// The record could not be written durably (disk full, I/O error, index failure).
+    #[error("audit log unavailable: {0}")]
+    Unavailable(String),
+    /// The log was shut down (or its writer stopped).
+    #[error("audit log is closed")]
+    Closed,
+    /// [`AuditLog::open`] found damage it will not repair without [`AuditConfig::recover`].
+    #[error("audit log damaged: {0}")]
+    Damaged(String),
+    /// Another process (or another [`AuditLog`]) holds the directory.
+    #[error("audit directory {0} is in use by another audit log")]
+    Locked(PathBuf),
+    #[error("invalid audit configuration: {0}")]
+    Config(String),
+    /// The event was refused (e.g. a credential that is not an HMAC).
+    #[error("invalid audit event: {0}")]
+    InvalidEvent(String),
+    #[error("audit query failed: {0}")]
+    Query(String),
+    #[error("audit I/O error: {0}")]
+    Io(String),
+}
+
+/// Filters for [`AuditLog::query`]. All given filters must match. Results come in order of
+/// record `time` (the request's time), ties by `seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditQuery {
+    /// `time >= since`.
+    pub since: Option<SystemTime>,
+    /// `time < until`.
+    pub until: Option<SystemTime>,
+    /// Principal id or display name (case-insensitive).
+    pub principal: Option<String>,
+    /// Secret name (case-insensitive, as Key Vault names are).
+    pub secret: Option<String>,
+    /// Vault name (case-insensitive).
+    pub vault: Option<String>,
+    /// Operation name (case-insensitive).
+    pub operation: Option<String>,
+    pub result: Option<AuditResult>,
+    /// Page size: 0 means 100; capped at 1000.
+    pub limit: usize,
+    /// Cursor: only records after the record with this `seq` in (time, seq) order; pass the
+    /// previous page's [`AuditPage::next`].
+    pub after: Option<u64>,
+}
+
+impl Default for AuditQuery {
+    fn default() -> Self {
+        Self {
+            since: None,
+            until: None,
+            principal: None,
+            secret: None,
+            vault: None,
+            operation: None,
+            result: None,
+            limit: 100,
+            after: None,
+        }
+    }
+}
+
+/// One page of records (the stored JSON lines, parsed).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditPage {
+    pub records: Vec<serde_json::Value>,
+    /// `Some(seq of the last record)` when more records match: pass it as
+    /// [`AuditQuery::after`] for the next page.
+    pub next: Option<u64>,
+}
+
+/// Counters since [`AuditLog::open`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AuditStats {
+    /// Records acknowledged.
+    pub records: u64,
+    /// Group commits: each is one write + fsync of the JSONL file and one index transaction.
+    pub batches: u64,
+    /// Checkpoints written.
+    pub checkpoints: u64,
+    /// Files rotated.
+    pub rotations: u64,
+    /// Batches that failed (their records were not acknowledged).
+    pub failed_batches: u64,
+    /// Rotated files deleted by retention.
+    pub pruned_files: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    records: AtomicU64,
+    batches: AtomicU64,
+    checkpoints: AtomicU64,
+    rotations: AtomicU64,
+    failed_batches: AtomicU64,
+    pruned_files: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> AuditStats {
+        AuditStats {
+            records: self.records.load(Ordering::Relaxed),
+            batches: self.batches.load(Ordering::Relaxed),
+            checkpoints: self.checkpoints.load(Ordering::Relaxed),
+            rotations: self.rotations.load(Ordering::Relaxed),
+            failed_batches: self.failed_batches.load(Ordering::Relaxed),
+            pruned_files: self.pruned_files.load(Ordering::Relaxed),
+        }
+    }
+}
+
+pub(crate) enum Msg {
+    Record {
+        body: serde_json::Map<String, serde_json::Value>,
+        cols: event::Cols,
+        ack: oneshot::Sender<Result<u64, AuditError>>,
+    },
+    Checkpoint(oneshot::Sender<Result<(), AuditError>>),
+    Shutdown(oneshot::Sender<Result<(), AuditError>>),
+}
+
+/// Handle to an open audit log. Cheap to clone; the writer thread stops (after a final
+/// checkpoint) when the last handle is dropped or on [`AuditLog::shutdown`].
+#[derive(Clone)]
+pub struct AuditLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tx: Option<mpsc::Sender<Msg>>,
+    thread: Option<JoinHandle<()>>,
+    hmac: ring::hmac::Key,
+    public_pem: String,
+    key_id: String,
+    dir: PathBuf,
+    readers: Mutex<Vec<Connection>>,
+    stats: Arc<Counters>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the channel makes the writer write its final checkpoint and exit; joining
+        // releases the directory lock before the drop returns, so a reopen does not race it.
+        drop(self.tx.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuditLog").field("dir", &self.inner.dir).field("key_id", &self.inner.key_id).finish()
+    }
+}
+
+impl AuditLog {
+    /// Opens the log in `config.dir`, creating it if needed, or resumes the chain after a
+    /// restart or crash: the active file is checked (hash chain, checkpoints, against the
+    /// signed head in the index); a torn last line or unacknowledged records after the head
+    /// (a crash mid-commit) are handled as described in the README, anything else is refused
+    /// with [`AuditError::Damaged`] unless [`AuditConfig::recover`] is set. Missing index rows
+    /// are rebuilt from the files. Takes an exclusive lock on the directory.
+    pub fn open(config: AuditConfig) -> Result<AuditLog, AuditError> {
+        if config.max_batch == 0 || config.checkpoint_every == 0 || config.max_file_bytes == 0 {
+            return Err(AuditError::Config(
+                "max_batch, checkpoint_every and max_file_bytes must be > 0".into(),
+            ));
+        }
+        let signer = keys::Signer::from_pkcs8(&config.signing_key_pkcs8)?;
+        let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &config.hmac_key[..]);
+        let public_pem = signer.pem.clone();
+        let key_id = signer.key_id.clone();
+        let dir = config.dir.clone();
+        let stats = Arc::new(Counters::default());
+        let writer = writer::Writer::open(config, signer, stats.clone())?;
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("coffer-audit-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| AuditError::Io(format!("cannot start the audit writer thread: {e}")))?;
+        Ok(AuditLog {
+            inner: Arc::new(Inner {
+                tx: Some(tx),
+                thread: Some(thread),
+                hmac,
+                public_pem,
+                key_id,
+                dir,
+                readers: Mutex::new(Vec::new()),
+                stats,
+            }),
+        })
+    }
+
+    /// Appends one record and resolves with its sequence number once it is durable in the
+    /// JSONL file and the index. Concurrent calls are group-committed. `Err` means the record
+    /// was not written: fail the request closed.
+    pub async fn record(&self, event: AuditEvent) -> Result<u64, AuditError> {
+        let (body, cols) = event::to_body(&event)?;
+        let (ack, rx) = oneshot::channel();
+        self.send(Msg::Record { body, cols, ack })?;
+        rx.await.map_err(|_| AuditError::Closed)?
+    }
+
+    /// The keyed hash of a credential, `hmac-sha256:<64 hex>`: the only form in which a
+    /// credential may appear in a record.
+    pub fn hmac(&self, credential: &[u8]) -> String {
+        format!("hmac-sha256:{}", hex::encode(ring::hmac::sign(&self.inner.hmac, credential).as_ref()))
+    }
+
+    /// The checkpoint verification key, PEM `PUBLIC KEY` (Ed25519 SubjectPublicKeyInfo).
+    pub fn public_key_pem(&self) -> String {
+        self.inner.public_pem.clone()
+    }
+
+    /// `ed25519:<16 hex>`, the `keyId` written in checkpoints.
+    pub fn key_id(&self) -> &str {
+        &self.inner.key_id
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Counters since open (group-commit batches, checkpoints, …).
+    pub fn stats(&self) -> AuditStats {
+        self.inner.stats.snapshot()
+    }
+
+    /// Answers from the index (SQLite, indexed columns), never a scan of all records.
+    pub async fn query(&self, q: AuditQuery) -> Result<AuditPage, AuditError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = match inner
+                .readers
+                .lock()
+                .map_err(|_| AuditError::Query("reader pool poisoned".into()))?
+                .pop()
+            {
+                Some(conn) => conn,
+                None => index::open_reader(&inner.dir.join(files::INDEX))?,
+            };
+            let result = index::query(&conn, &q);
+            if let Ok(mut pool) = inner.readers.lock() {
+                if pool.len() < 4 {
+                    pool.push(conn);
+                }
+            }
+            result
+        })
+        .await
+        .map_err(|e| AuditError::Query(format!("query task failed: {e}")))?
+    }
+
+    /// Writes a signed checkpoint now if there are records since the last one.
+    pub async fn flush_checkpoint(&self) -> Result<(), AuditError> {
+        let (ack, rx) = oneshot::channel();
+        self.send(Msg::Checkpoint(ack))?;
+        rx.await.map_err(|_| AuditError::Closed)?
+    }
+
+    /// Final checkpoint, then stops the writer. Later calls to [`AuditLog::record`] fail with
+    /// [`AuditError::Closed`].
+    pub async fn shutdown(&self) -> Result<(), AuditError> {
+        let (ack, rx) = oneshot::channel();
+        self.send(Msg::Shutdown(ack))?;
+        rx.await.map_err(|_| AuditError::Closed)?
+    }
+
+    fn send(&self, msg: Msg) -> Result<(), AuditError> {
+        self.inner.tx.as_ref().ok_or(AuditError::Closed)?.send(msg).map_err(|_| AuditError::Closed)
+    }
+}

@@ -1,0 +1,999 @@
+//! The writer thread: resumes the chain on open, then group-commits records (one write, one
+//! fsync, one index transaction per batch), writes checkpoints, rotates and prunes files.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{json, Map, Value};
+use tokio::sync::oneshot;
+
+use crate::canon::{canonical, parse_rfc3339_us, seal, sha256_hex, unix_us, GENESIS_HASH};
+use crate::event::{self, now_rfc3339};
+use crate::files::{
+    list_rotated, parse_lines, parse_signed_bytes, rotated_name, Entry, Kind, Signed, ACTIVE, ACTIVE_TMP,
+    INDEX, LOCK,
+};
+use crate::index::{Index, IndexRow};
+use crate::keys::{Signer, Verifier};
+use crate::{AuditConfig, AuditError, Counters, Msg};
+
+/// How often retention is applied (and once right after open).
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// Wait before retrying a failed rotation.
+const ROTATE_RETRY: Duration = Duration::from_secs(5);
+
+type Ack = oneshot::Sender<Result<u64, AuditError>>;
+type Pending = (Map<String, Value>, event::Cols);
+
+/// When a batch writes a checkpoint.
+enum CpWant {
+    /// When `checkpoint_every` records or `checkpoint_interval` have passed (and there are new
+    /// records).
+    Auto,
+    /// If there are records after the last checkpoint.
+    IfNew,
+    /// In any case, with these extra fields.
+    Always(Map<String, Value>),
+}
+
+pub(crate) struct Writer {
+    dir: PathBuf,
+    stdout: bool,
+    max_file_bytes: u64,
+    max_file_age: Duration,
+    retention: Option<Duration>,
+    checkpoint_every: u64,
+    checkpoint_interval: Duration,
+    max_batch: usize,
+    signer: Signer,
+    index: Index,
+    stats: Arc<Counters>,
+    _lock: File,
+
+    /// The active file (opened for append).
+    file: File,
+    /// Length of the active file up to the last durable, acknowledged byte.
+    len: u64,
+    /// First record of the active file, once it has one.
+    file_first: Option<u64>,
+    file_created: SystemTime,
+
+    last_seq: u64,
+    last_hash: String,
+    cp_n: u64,
+    cp_seq: u64,
+    cp_at: Instant,
+    pruned_through: u64,
+
+    /// The checkpoint line last written, while nothing has been written after it.
+    tail_cp: Option<Vec<u8>>,
+    /// A failed batch could not be cut off the file again: retry before writing anything.
+    poisoned: bool,
+    /// A directory fsync after a rename failed: retry before acknowledging anything.
+    dir_dirty: bool,
+    next_prune: Instant,
+    rotate_after: Option<Instant>,
+}
+
+fn io_err(what: &str, path: &Path, e: io::Error) -> AuditError {
+    AuditError::Io(format!("{what} {}: {e}", path.display()))
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Creates `path` (0600) holding `bytes`, fsync'd, open for append.
+fn create_with(path: &Path, bytes: &[u8]) -> io::Result<File> {
+    let _ = fs::remove_file(path);
+    let mut f = OpenOptions::new().append(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(f)
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new().append(true).open(path)
+}
+
+fn lock_dir(dir: &Path) -> Result<File, AuditError> {
+    use std::os::unix::io::AsRawFd;
+    let path = dir.join(LOCK);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| io_err("open", &path, e))?;
+    // SAFETY: flock on a valid, owned file descriptor.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(AuditError::Locked(dir.to_path_buf()));
+        }
+        return Err(io_err("lock", &path, e));
+    }
+    Ok(f)
+}
+
+/// What open found in the active file.
+struct Scan {
+    anchor: Option<Signed>,
+    /// Offset after the last consistent line.
+    good_end: usize,
+    last_seq: u64,
+    last_hash: String,
+    cp_n: u64,
+    cp_seq: u64,
+    pruned_through: u64,
+    first_seq: Option<u64>,
+    /// Consistent records: (seq, hash, offset after the line).
+    recs: Vec<(u64, String, usize)>,
+    /// First inconsistency: (offset, line, reason).
+    problem: Option<(usize, u64, String)>,
+    /// Highest seq of any record whose own hash is right, and that hash (for recovery).
+    max_seen: Option<(u64, String)>,
+    first_seen: Option<u64>,
+    max_cp_n: u64,
+    created: Option<SystemTime>,
+    key_ids: Vec<String>,
+}
+
+fn scan(entries: &[Entry], torn: Option<(usize, usize)>, verifier: &Verifier) -> Scan {
+    let mut s = Scan {
+        anchor: None,
+        good_end: 0,
+        last_seq: 0,
+        last_hash: GENESIS_HASH.to_string(),
+        cp_n: 0,
+        cp_seq: 0,
+        pruned_through: 0,
+        first_seq: None,
+        recs: Vec::new(),
+        problem: None,
+        max_seen: None,
+        first_seen: None,
+        max_cp_n: 0,
+        created: None,
+        key_ids: Vec::new(),
+    };
+    for (i, e) in entries.iter().enumerate() {
+        if let Kind::Rec(r) = &e.kind {
+            if r.hash_ok() && s.max_seen.as_ref().is_none_or(|(m, _)| r.seq > *m) {
+                s.max_seen = Some((r.seq, r.hash.clone()));
+            }
+            if r.hash_ok() && s.first_seen.is_none() {
+                s.first_seen = Some(r.seq);
+            }
+        }
+        if let Kind::Cp(c) = &e.kind {
+            s.max_cp_n = s.max_cp_n.max(c.n);
+            s.pruned_through = s.pruned_through.max(c.pruned_through);
+        }
+        if s.problem.is_some() {
+            continue;
+        }
+        let fail = |why: String| Some((e.start, e.line, why));
+        let problem = match (&e.kind, i) {
+            (Kind::Cp(c), 0) => match check_sig(verifier, c) {
+                Err(why) => fail(why),
+                Ok(()) => {
+                    s.last_seq = c.seq;
+                    s.last_hash = c.hash.clone();
+                    s.cp_n = c.n;
+                    s.cp_seq = c.seq;
+                    s.created = c
+                        .value
+                        .get("time")
+                        .and_then(Value::as_str)
+                        .and_then(parse_rfc3339_us)
+                        .map(crate::canon::from_unix_us);
+                    s.key_ids.push(c.key_id.clone());
+                    s.anchor = Some(c.clone());
+                    None
+                }
+            },
+            (_, 0) => fail("the file does not begin with a signed checkpoint".into()),
+            (Kind::Bad { reason, .. }, _) => fail(reason.clone()),
+            (Kind::Rec(r), _) => {
+                if !r.hash_ok() {
+                    fail(format!("record seq {} does not match its hash (modified)", r.seq))
+                } else if r.seq != s.last_seq + 1 || r.prev != s.last_hash {
+                    fail(format!(
+                        "record seq {} does not follow seq {} (deleted, inserted or reordered records)",
+                        r.seq, s.last_seq
+                    ))
+                } else {
+                    s.last_seq = r.seq;
+                    s.last_hash = r.hash.clone();
+                    s.first_seq.get_or_insert(r.seq);
+                    s.recs.push((r.seq, r.hash.clone(), e.next_offset()));
+                    None
+                }
+            }
+            (Kind::Cp(c), _) => {
+                if let Err(why) = check_sig(verifier, c) {
+                    fail(why)
+                } else if c.n != s.cp_n + 1 || c.seq != s.last_seq || c.hash != s.last_hash {
+                    fail(format!("checkpoint {} does not match the chain before it", c.n))
+                } else {
+                    s.cp_n = c.n;
+                    s.cp_seq = c.seq;
+                    if !s.key_ids.contains(&c.key_id) {
+                        s.key_ids.push(c.key_id.clone());
+                    }
+                    None
+                }
+            }
+        };
+        match problem {
+            Some(p) => s.problem = Some(p),
+            None => s.good_end = e.next_offset(),
+        }
+    }
+    if s.problem.is_none() {
+        if let Some((start, _)) = torn {
+            s.problem =
+                Some((start, entries.len() as u64 + 1, "the last line is incomplete (torn write)".into()));
+        }
+    }
+    s
+}
+
+/// Checks a signature when it is by our key; a checkpoint by another (older) key is taken on
+/// trust here and left to `verify`, which is given every public key.
+fn check_sig(verifier: &Verifier, c: &Signed) -> Result<(), String> {
+    if verifier.knows(&c.key_id) {
+        verifier.verify(&c.key_id, &c.body, &c.signature).map_err(|e| format!("checkpoint {}: {e}", c.n))
+    } else {
+        Ok(())
+    }
+}
+
+/// Only NUL bytes and newlines (zero-filled blocks after a crash), ignoring a torn last line.
+fn is_debris(rest: &[u8]) -> bool {
+    let complete = match rest.iter().rposition(|&b| b == b'\n') {
+        Some(p) => &rest[..=p],
+        None => return true,
+    };
+    complete.iter().all(|&b| b == 0 || b == b'\n')
+}
+
+/// Index rows for the records of `bytes` with `seq > above` whose own hash is right.
+fn rows_from(bytes: &[u8], above: u64) -> Vec<IndexRow> {
+    let parsed = parse_lines(bytes);
+    let mut rows = Vec::new();
+    for e in &parsed.entries {
+        if let Kind::Rec(r) = &e.kind {
+            if r.seq > above && r.hash_ok() {
+                let line = &bytes[e.start..e.end];
+                let cols = serde_json::from_slice::<Value>(line).ok().as_ref().and_then(event::cols);
+                if let (Some(cols), Ok(line)) = (cols, std::str::from_utf8(line)) {
+                    rows.push(IndexRow { seq: r.seq, cols, line: line.to_string() });
+                }
+            }
+        }
+    }
+    rows
+}
+
+impl Writer {
+    pub(crate) fn open(cfg: AuditConfig, signer: Signer, stats: Arc<Counters>) -> Result<Self, AuditError> {
+        let dir = cfg.dir.clone();
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| io_err("create", &dir, e))?;
+        let lock = lock_dir(&dir)?;
+        let index = Index::open(&dir.join(INDEX))?;
+        let active = dir.join(ACTIVE);
+        let tmp = dir.join(ACTIVE_TMP);
+
+        // A rotation interrupted between its two renames leaves the new file as the temporary.
+        if tmp.exists() {
+            if active.exists() {
+                fs::remove_file(&tmp).map_err(|e| io_err("remove", &tmp, e))?;
+            } else {
+                fs::rename(&tmp, &active).map_err(|e| io_err("rename", &tmp, e))?;
+            }
+            sync_dir(&dir).map_err(|e| io_err("fsync", &dir, e))?;
+        }
+
+        let mut w = Writer {
+            stdout: cfg.stdout,
+            max_file_bytes: cfg.max_file_bytes,
+            max_file_age: cfg.max_file_age,
+            retention: cfg.retention,
+            checkpoint_every: cfg.checkpoint_every,
+            checkpoint_interval: cfg.checkpoint_interval,
+            max_batch: cfg.max_batch,
+            signer,
+            index,
+            stats,
+            _lock: lock,
+            // A placeholder handle: `resume` always installs the active file.
+            file: File::open(&dir).map_err(|e| io_err("open", &dir, e))?,
+            len: 0,
+            file_first: None,
+            file_created: SystemTime::now(),
+            last_seq: 0,
+            last_hash: GENESIS_HASH.to_string(),
+            cp_n: 0,
+            cp_seq: 0,
+            cp_at: Instant::now(),
+            pruned_through: 0,
+            tail_cp: None,
+            poisoned: false,
+            dir_dirty: false,
+            next_prune: Instant::now(),
+            rotate_after: None,
+            dir,
+        };
+        w.resume(cfg.recover)?;
+        Ok(w)
+    }
+
+    fn damaged(&self, reason: String) -> AuditError {
+        AuditError::Damaged(format!(
+            "{reason} (in {}); run `verify` on the directory for details, or open with the recovery flag \
+             (AuditConfig::recover) to keep the damaged file as evidence and continue in a new one",
+            self.dir.display()
+        ))
+    }
+
+    fn resume(&mut self, recover: bool) -> Result<(), AuditError> {
+        let active = self.dir.join(ACTIVE);
+        let head = match self.index.head()? {
+            None => None,
+            Some(line) => match parse_signed_bytes(line.as_bytes(), "head") {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    return self.refuse_or_recover(
+                        recover,
+                        format!("the signed head in the index is unreadable: {e}"),
+                        None,
+                    )
+                }
+            },
+        };
+        let verifier = self.signer.verifier();
+        if let Some(h) = &head {
+            if verifier.knows(&h.key_id) {
+                if let Err(e) = verifier.verify(&h.key_id, &h.body, &h.signature) {
+                    return self.refuse_or_recover(
+                        recover,
+                        format!("the signed head in the index: {e}"),
+                        None,
+                    );
+                }
+            }
+        }
+        let rotated = list_rotated(&self.dir).map_err(|e| io_err("list", &self.dir, e))?;
+
+        if !active.exists() {
+            match (rotated.last(), &head) {
+                (None, None) => return self.start_fresh(),
+                (None, Some(h)) => {
+                    return self.refuse_or_recover(
+                        recover,
+                        format!("the index holds a signed head (seq {}) but there are no audit files", h.seq),
+                        head.clone(),
+                    )
+                }
+                (Some((_, _, last)), _) => {
+                    // Continue from the closing checkpoint of the newest rotated file; the
+                    // head check below tells whether records after it are missing.
+                    let bytes = fs::read(last).map_err(|e| io_err("read", last, e))?;
+                    let parsed = parse_lines(&bytes);
+                    let closing = match parsed.entries.last() {
+                        Some(e) if matches!(e.kind, Kind::Cp(_)) && parsed.torn.is_none() => {
+                            bytes[e.start..=e.end].to_vec()
+                        }
+                        _ => {
+                            return self.refuse_or_recover(
+                                recover,
+                                format!(
+                                    "{ACTIVE} is missing and {} does not end with a closing checkpoint",
+                                    last.display()
+                                ),
+                                head.clone(),
+                            )
+                        }
+                    };
+                    create_with(&active, &closing).map_err(|e| io_err("create", &active, e))?;
+                    sync_dir(&self.dir).map_err(|e| io_err("fsync", &self.dir, e))?;
+                    tracing::warn!(dir = %self.dir.display(), "audit: {ACTIVE} was missing; continuing after the last rotated file");
+                }
+            }
+        }
+
+        let bytes = fs::read(&active).map_err(|e| io_err("read", &active, e))?;
+        let parsed = parse_lines(&bytes);
+        let s = scan(&parsed.entries, parsed.torn, &verifier);
+        let Some(h) = head.clone() else {
+            return self.refuse_or_recover(
+                recover,
+                "the index has no signed head although audit files exist (index deleted or replaced)".into(),
+                None,
+            );
+        };
+        let Some(anchor) = s.anchor.clone() else {
+            let why = s.problem.as_ref().map_or("empty file".into(), |p| p.2.clone());
+            return self.refuse_or_recover(
+                recover,
+                format!("{ACTIVE} is damaged at its start: {why}"),
+                Some(h),
+            );
+        };
+        // Where the signed head lies in the file: everything up to it was acknowledged.
+        let head_end = if h.seq == anchor.seq && h.hash == anchor.hash {
+            parsed.entries[0].next_offset()
+        } else if h.seq < anchor.seq {
+            return self.refuse_or_recover(
+                recover,
+                format!(
+                    "the signed head (seq {}) is older than {ACTIVE} (which starts after seq {}): the index was \
+                     rolled back or replaced",
+                    h.seq, anchor.seq
+                ),
+                Some(h),
+            );
+        } else {
+            match s.recs.iter().find(|(seq, _, _)| *seq == h.seq) {
+                Some((_, hash, end)) if *hash == h.hash => *end,
+                Some(_) => {
+                    return self.refuse_or_recover(
+                        recover,
+                        format!("record seq {} differs from the signed head", h.seq),
+                        Some(h),
+                    )
+                }
+                None => {
+                    let why = match &s.problem {
+                        Some((_, line, why)) => format!("{ACTIVE} line {line}: {why}"),
+                        None => format!("{ACTIVE} ends at seq {}", s.last_seq),
+                    };
+                    return self.refuse_or_recover(
+                        recover,
+                        format!(
+                            "records up to seq {} were acknowledged (signed head) but {why}: the log was truncated or damaged",
+                            h.seq
+                        ),
+                        Some(h),
+                    );
+                }
+            }
+        };
+
+        // After the head: a crash between the file fsync and the index commit leaves complete,
+        // chained records (adopted) and possibly a torn or zero-filled tail (cut).
+        let mut discarded = 0usize;
+        if let Some((offset, line, why)) = &s.problem {
+            debug_assert!(*offset >= head_end);
+            if is_debris(&bytes[*offset..]) {
+                discarded = bytes.len() - offset;
+            } else {
+                return self.refuse_or_recover(
+                    recover,
+                    format!("{ACTIVE} line {line} (after the signed head, seq {}): {why}", h.seq),
+                    Some(h),
+                );
+            }
+        }
+        self.file = open_append(&active).map_err(|e| io_err("open", &active, e))?;
+        if discarded > 0 {
+            self.file
+                .set_len(s.good_end as u64)
+                .and_then(|()| self.file.sync_data())
+                .map_err(|e| io_err("truncate", &active, e))?;
+            tracing::warn!(bytes = discarded, "audit: cut a torn tail after the last acknowledged record");
+        }
+        self.len = s.good_end as u64;
+        self.file_first = s.first_seq;
+        self.file_created = s.created.unwrap_or_else(SystemTime::now);
+        self.last_seq = s.last_seq;
+        self.last_hash = s.last_hash.clone();
+        self.cp_n = s.cp_n;
+        self.cp_seq = s.cp_seq;
+        self.pruned_through = s.pruned_through.max(h.pruned_through);
+
+        let mut notes = Map::new();
+        if s.last_seq > h.seq {
+            notes.insert("adopted".into(), json!([h.seq + 1, s.last_seq]));
+            tracing::warn!(
+                from = h.seq + 1,
+                to = s.last_seq,
+                "audit: adopting records written but not acknowledged before a crash"
+            );
+        }
+        if discarded > 0 {
+            notes.insert("discardedBytes".into(), json!(discarded));
+        }
+        if let Some(old) =
+            s.key_ids.iter().chain(std::iter::once(&h.key_id)).find(|k| **k != self.signer.key_id)
+        {
+            notes.insert("previousKeyId".into(), json!(old));
+        }
+        self.reindex(&rotated)?;
+        if !notes.is_empty() {
+            self.write_batch(Vec::new(), CpWant::Always(notes), None)?;
+        }
+        Ok(())
+    }
+
+    /// A new, empty log: the genesis anchor (checkpoint 0 at seq 0).
+    fn start_fresh(&mut self) -> Result<(), AuditError> {
+        let line = self.checkpoint_line(0, 0, GENESIS_HASH, 0, Map::new());
+        self.install_active(&line)?;
+        let head = self.head_line();
+        self.index.commit(&[], Some(&head), None)
+    }
+
+    /// Writes a new active file holding `anchor` (via the temporary name) and makes it current.
+    fn install_active(&mut self, anchor: &[u8]) -> Result<(), AuditError> {
+        let (active, tmp) = (self.dir.join(ACTIVE), self.dir.join(ACTIVE_TMP));
+        let mut line = anchor.to_vec();
+        line.push(b'\n');
+        let file = create_with(&tmp, &line).map_err(|e| io_err("create", &tmp, e))?;
+        fs::rename(&tmp, &active).map_err(|e| io_err("rename", &tmp, e))?;
+        sync_dir(&self.dir).map_err(|e| io_err("fsync", &self.dir, e))?;
+        self.file = file;
+        self.len = line.len() as u64;
+        self.file_first = None;
+        self.file_created = SystemTime::now();
+        Ok(())
+    }
+
+    fn refuse_or_recover(
+        &mut self,
+        recover: bool,
+        reason: String,
+        head: Option<Signed>,
+    ) -> Result<(), AuditError> {
+        if !recover {
+            return Err(self.damaged(reason));
+        }
+        self.recovery(reason, head)
+    }
+
+    /// Keeps the damaged active file as a rotated file, starts a new one with a signed
+    /// checkpoint naming the reason, and continues after the highest sequence number seen.
+    fn recovery(&mut self, reason: String, head: Option<Signed>) -> Result<(), AuditError> {
+        tracing::error!(dir = %self.dir.display(), "audit: recovering a damaged log: {reason}");
+        let active = self.dir.join(ACTIVE);
+        let verifier = self.signer.verifier();
+        let s = match fs::read(&active) {
+            Ok(bytes) => {
+                let parsed = parse_lines(&bytes);
+                scan(&parsed.entries, parsed.torn, &verifier)
+            }
+            Err(_) => scan(&[], None, &verifier),
+        };
+        let rotated = list_rotated(&self.dir).map_err(|e| io_err("list", &self.dir, e))?;
+        // The highest point anything attests: the head, the active file, the rotated files.
+        let mut end: (u64, String) = (0, GENESIS_HASH.to_string());
+        let mut n = 0;
+        let mut pruned = s.pruned_through;
+        fn consider(seq: u64, hash: &str, end: &mut (u64, String)) {
+            if seq > end.0 {
+                *end = (seq, hash.to_string());
+            }
+        }
+        if let Some(h) = &head {
+            consider(h.seq, &h.hash, &mut end);
+            n = n.max(h.n);
+            pruned = pruned.max(h.pruned_through);
+        }
+        if let Some((seq, hash)) = &s.max_seen {
+            consider(*seq, hash, &mut end);
+        }
+        if let Some(a) = &s.anchor {
+            consider(a.seq, &a.hash, &mut end);
+        }
+        n = n.max(s.max_cp_n);
+        if let Some((_, _, path)) = rotated.last() {
+            if let Ok(bytes) = fs::read(path) {
+                for e in parse_lines(&bytes).entries {
+                    match e.kind {
+                        Kind::Rec(r) if r.hash_ok() => consider(r.seq, &r.hash, &mut end),
+                        Kind::Cp(c) => {
+                            consider(c.seq, &c.hash, &mut end);
+                            n = n.max(c.n);
+                            pruned = pruned.max(c.pruned_through);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        if active.exists() {
+            let first = s.first_seen.or(s.anchor.as_ref().map(|a| a.seq + 1)).unwrap_or(end.0 + 1);
+            let last = s.max_seen.as_ref().map_or(first, |(m, _)| (*m).max(first));
+            let mut target = self.dir.join(rotated_name(first, last));
+            if target.exists() {
+                // Keep both; the odd name makes `verify` skip it, so say so in the log.
+                target = self.dir.join(format!(
+                    "{}.damaged-{}",
+                    rotated_name(first, last),
+                    unix_us(SystemTime::now())
+                ));
+            }
+            fs::rename(&active, &target).map_err(|e| io_err("rename", &active, e))?;
+            tracing::error!(file = %target.display(), "audit: the damaged file was kept as evidence");
+        }
+        self.last_seq = end.0;
+        self.last_hash = end.1.clone();
+        self.cp_n = n;
+        self.pruned_through = pruned;
+        let mut extra = Map::new();
+        extra.insert("recovery".into(), Value::String(reason));
+        let line = self.checkpoint_line(n + 1, end.0, &end.1, pruned, extra);
+        self.install_active(&line)?;
+        self.cp_n = n + 1;
+        self.cp_seq = end.0;
+        self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+        let rotated = list_rotated(&self.dir).map_err(|e| io_err("list", &self.dir, e))?;
+        self.reindex(&rotated)
+    }
+
+    /// Adds index rows for records in the files that the index does not have (a crash before
+    /// the index commit, or a rebuilt index) and writes the head, in one transaction.
+    fn reindex(&mut self, rotated: &[(u64, u64, PathBuf)]) -> Result<(), AuditError> {
+        let above = self.index.max_seq()?.unwrap_or(0).max(self.pruned_through);
+        let mut rows = Vec::new();
+        if above < self.last_seq {
+            for (_, last, path) in rotated {
+                if *last > above {
+                    let bytes = fs::read(path).map_err(|e| io_err("read", path, e))?;
+                    rows.extend(rows_from(&bytes, above));
+                }
+            }
+            let active = self.dir.join(ACTIVE);
+            let bytes = fs::read(&active).map_err(|e| io_err("read", &active, e))?;
+            rows.extend(rows_from(&bytes[..self.len as usize], above));
+            if !rows.is_empty() {
+                tracing::info!(rows = rows.len(), "audit: index rows rebuilt from the files");
+            }
+        }
+        let head = self.head_line();
+        self.index.commit(&rows, Some(&head), None)
+    }
+
+    fn checkpoint_line(
+        &self,
+        n: u64,
+        seq: u64,
+        hash: &str,
+        pruned: u64,
+        mut extra: Map<String, Value>,
+    ) -> Vec<u8> {
+        extra.insert("type".into(), json!("checkpoint"));
+        extra.insert("n".into(), json!(n));
+        extra.insert("seq".into(), json!(seq));
+        extra.insert("hash".into(), json!(hash));
+        extra.insert("time".into(), json!(now_rfc3339()));
+        extra.insert("keyId".into(), json!(self.signer.key_id));
+        extra.insert("prunedThrough".into(), json!(pruned));
+        let body = canonical(&Value::Object(extra));
+        let sig = self.signer.sign(&body);
+        seal(body, "signature", &sig)
+    }
+
+    fn head_line(&self) -> String {
+        let body = canonical(&json!({
+            "type": "head",
+            "n": self.cp_n,
+            "seq": self.last_seq,
+            "hash": self.last_hash,
+            "time": now_rfc3339(),
+            "keyId": self.signer.key_id,
+            "prunedThrough": self.pruned_through,
+        }));
+        let sig = self.signer.sign(&body);
+        String::from_utf8(seal(body, "signature", &sig)).expect("JSON is UTF-8")
+    }
+
+    fn rollback(&mut self, len: u64) {
+        if let Err(e) = self.file.set_len(len).and_then(|()| self.file.sync_data()) {
+            tracing::error!(
+                "audit: could not cut a failed batch off {ACTIVE}: {e}; will retry before the next write"
+            );
+            self.poisoned = true;
+        }
+    }
+
+    fn repair(&mut self) -> Result<(), AuditError> {
+        if self.poisoned {
+            self.file.set_len(self.len).and_then(|()| self.file.sync_data()).map_err(|e| {
+                AuditError::Unavailable(format!("cannot cut a failed batch off {ACTIVE}: {e}"))
+            })?;
+            self.poisoned = false;
+        }
+        if self.dir_dirty {
+            sync_dir(&self.dir)
+                .map_err(|e| AuditError::Unavailable(format!("fsync {}: {e}", self.dir.display())))?;
+            self.dir_dirty = false;
+        }
+        Ok(())
+    }
+
+    /// One group commit: appends the records (and a checkpoint if due) in one write, fsyncs,
+    /// commits the index rows and the new head in one transaction. On any failure the file is
+    /// cut back and nothing is acknowledged. Returns the first seq and the checkpoint line.
+    fn write_batch(
+        &mut self,
+        bodies: Vec<Pending>,
+        want: CpWant,
+        prune_through: Option<u64>,
+    ) -> Result<(u64, Option<Vec<u8>>), AuditError> {
+        self.repair()?;
+        let start_len = self.len;
+        let first = self.last_seq + 1;
+        let mut seq = self.last_seq;
+        let mut hash = self.last_hash.clone();
+        let mut buf = Vec::with_capacity(bodies.len() * 768);
+        let mut rows = Vec::with_capacity(bodies.len());
+        for (mut body, cols) in bodies {
+            seq += 1;
+            body.insert("seq".into(), json!(seq));
+            body.insert("prevHash".into(), json!(hash));
+            let value = Value::Object(body);
+            let canon = canonical(&value);
+            hash = sha256_hex(&canon);
+            let line = seal(canon, "hash", &hash);
+            buf.extend_from_slice(&line);
+            buf.push(b'\n');
+            rows.push(IndexRow { seq, cols, line: String::from_utf8(line).expect("JSON is UTF-8") });
+        }
+        let since_cp = seq - self.cp_seq;
+        let pruned = prune_through.unwrap_or(self.pruned_through).max(self.pruned_through);
+        let cp_extra = match want {
+            CpWant::Always(extra) => Some(extra),
+            CpWant::IfNew if since_cp > 0 => Some(Map::new()),
+            CpWant::Auto
+                if since_cp > 0
+                    && (since_cp >= self.checkpoint_every
+                        || self.cp_at.elapsed() >= self.checkpoint_interval) =>
+            {
+                Some(Map::new())
+            }
+            _ => None,
+        };
+        let cp = cp_extra.map(|extra| self.checkpoint_line(self.cp_n + 1, seq, &hash, pruned, extra));
+        if let Some(cp) = &cp {
+            buf.extend_from_slice(cp);
+            buf.push(b'\n');
+        }
+        if buf.is_empty() {
+            return Ok((first, None));
+        }
+        if let Err(e) = self.file.write_all(&buf).and_then(|()| self.file.sync_data()) {
+            self.rollback(start_len);
+            return Err(AuditError::Unavailable(format!("write {}: {e}", self.dir.join(ACTIVE).display())));
+        }
+        let (old_n, old_seq, old_hash, old_pruned) =
+            (self.cp_n, self.last_seq, self.last_hash.clone(), self.pruned_through);
+        if cp.is_some() {
+            self.cp_n += 1;
+        }
+        self.last_seq = seq;
+        self.last_hash = hash;
+        self.pruned_through = pruned;
+        let head = self.head_line();
+        if let Err(e) = self.index.commit(&rows, Some(&head), prune_through) {
+            (self.cp_n, self.last_seq, self.last_hash, self.pruned_through) =
+                (old_n, old_seq, old_hash, old_pruned);
+            self.rollback(start_len);
+            return Err(e);
+        }
+        self.len = start_len + buf.len() as u64;
+        if !rows.is_empty() && self.file_first.is_none() {
+            self.file_first = Some(first);
+        }
+        if let Some(cp) = &cp {
+            self.cp_seq = seq;
+            self.cp_at = Instant::now();
+            self.tail_cp = Some(cp.clone());
+            self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+        } else if !rows.is_empty() {
+            self.tail_cp = None;
+        }
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats.records.fetch_add(rows.len() as u64, Ordering::Relaxed);
+        if self.stdout {
+            let mut out = io::stdout().lock();
+            let _ = out.write_all(&buf).and_then(|()| out.flush());
+        }
+        Ok((first, cp))
+    }
+
+    /// Closes the active file with a checkpoint, renames it `audit-<first>-<last>.jsonl` and
+    /// starts a new one that begins with the same checkpoint.
+    fn rotate(&mut self) -> Result<(), AuditError> {
+        let Some(first) = self.file_first else { return Ok(()) };
+        // Never rename a file that still holds the bytes of a failed batch.
+        self.repair()?;
+        // The file ends with a checkpoint covering its last record: the one just written, or a
+        // new one.
+        let mut line = match self.tail_cp.clone() {
+            Some(cp) => cp,
+            None => {
+                self.write_batch(Vec::new(), CpWant::Always(Map::new()), None)?.1.expect("always written")
+            }
+        };
+        line.push(b'\n');
+        let (active, tmp) = (self.dir.join(ACTIVE), self.dir.join(ACTIVE_TMP));
+        let rotated = self.dir.join(rotated_name(first, self.last_seq));
+        let file = create_with(&tmp, &line).map_err(|e| io_err("create", &tmp, e))?;
+        fs::rename(&active, &rotated).map_err(|e| io_err("rename", &active, e))?;
+        if let Err(e) = fs::rename(&tmp, &active) {
+            let _ = fs::rename(&rotated, &active);
+            return Err(io_err("rename", &tmp, e));
+        }
+        // From here the new file is current; if the directory cannot be synced, nothing is
+        // acknowledged until it can.
+        self.file = file;
+        self.len = line.len() as u64;
+        self.file_first = None;
+        self.file_created = SystemTime::now();
+        self.tail_cp = None;
+        self.stats.rotations.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = sync_dir(&self.dir) {
+            self.dir_dirty = true;
+            return Err(io_err("fsync", &self.dir, e));
+        }
+        Ok(())
+    }
+
+    /// Deletes the oldest rotated files whose newest record is older than the retention, after
+    /// a signed checkpoint has recorded `prunedThrough`.
+    fn prune(&mut self) -> Result<(), AuditError> {
+        let Some(retention) = self.retention else { return Ok(()) };
+        let Some(cutoff) = SystemTime::now().checked_sub(retention) else { return Ok(()) };
+        let cutoff = unix_us(cutoff);
+        let mut doomed = Vec::new();
+        let mut through = self.pruned_through;
+        for (_, last, path) in list_rotated(&self.dir).map_err(|e| io_err("list", &self.dir, e))? {
+            if last > self.last_seq {
+                break;
+            }
+            if last > self.pruned_through {
+                let newest = match self.index.time_of(last)? {
+                    Some(t) => t,
+                    None => fs::metadata(&path)
+                        .and_then(|m| m.modified())
+                        .map(unix_us)
+                        .map_err(|e| io_err("stat", &path, e))?,
+                };
+                if newest >= cutoff {
+                    break;
+                }
+                through = last;
+            }
+            doomed.push(path);
+        }
+        if through > self.pruned_through {
+            self.write_batch(Vec::new(), CpWant::Always(Map::new()), Some(through))?;
+        }
+        for path in &doomed {
+            fs::remove_file(path).map_err(|e| io_err("remove", path, e))?;
+            self.stats.pruned_files.fetch_add(1, Ordering::Relaxed);
+        }
+        if !doomed.is_empty() {
+            sync_dir(&self.dir).map_err(|e| io_err("fsync", &self.dir, e))?;
+            tracing::info!(files = doomed.len(), through, "audit: retention pruned rotated files");
+        }
+        Ok(())
+    }
+
+    fn maintenance(&mut self) {
+        let now = Instant::now();
+        if self.last_seq > self.cp_seq && self.cp_at.elapsed() >= self.checkpoint_interval {
+            if let Err(e) = self.write_batch(Vec::new(), CpWant::IfNew, None) {
+                tracing::error!("audit: checkpoint failed: {e}");
+            }
+        }
+        let age = SystemTime::now().duration_since(self.file_created).unwrap_or_default();
+        if self.file_first.is_some()
+            && (self.len >= self.max_file_bytes || age >= self.max_file_age)
+            && self.rotate_after.is_none_or(|t| now >= t)
+        {
+            match self.rotate() {
+                Ok(()) => self.rotate_after = None,
+                Err(e) => {
+                    tracing::error!("audit: rotation failed (will retry): {e}");
+                    self.rotate_after = Some(now + ROTATE_RETRY);
+                }
+            }
+        }
+        if self.retention.is_some() && now >= self.next_prune {
+            self.next_prune = now + PRUNE_EVERY;
+            if let Err(e) = self.prune() {
+                tracing::error!("audit: retention failed: {e}");
+            }
+        }
+    }
+
+    /// When the loop must wake up without a message.
+    fn next_wakeup(&self) -> Instant {
+        let now = Instant::now();
+        let mut at = now + Duration::from_secs(3600);
+        if self.last_seq > self.cp_seq {
+            at = at.min(self.cp_at + self.checkpoint_interval);
+        }
+        if self.file_first.is_some() {
+            let age = SystemTime::now().duration_since(self.file_created).unwrap_or_default();
+            let rotate = now + self.max_file_age.saturating_sub(age);
+            at = at.min(self.rotate_after.map_or(rotate, |t| rotate.max(t)));
+        }
+        if self.retention.is_some() {
+            at = at.min(self.next_prune);
+        }
+        at
+    }
+
+    pub(crate) fn run(mut self, rx: Receiver<Msg>) {
+        type Waiter = oneshot::Sender<Result<(), AuditError>>;
+        fn take(msg: Msg, records: &mut Vec<(Pending, Ack)>, waiters: &mut Vec<Waiter>, stop: &mut bool) {
+            match msg {
+                Msg::Record { body, cols, ack } => records.push(((body, cols), ack)),
+                Msg::Checkpoint(ack) => waiters.push(ack),
+                Msg::Shutdown(ack) => {
+                    waiters.push(ack);
+                    *stop = true;
+                }
+            }
+        }
+        loop {
+            let timeout = self.next_wakeup().saturating_duration_since(Instant::now());
+            let mut records: Vec<(Pending, Ack)> = Vec::new();
+            let mut waiters = Vec::new();
+            let mut stop = false;
+            let mut closed = false;
+            match rx.recv_timeout(timeout) {
+                Ok(msg) => take(msg, &mut records, &mut waiters, &mut stop),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => closed = true,
+            }
+            while !closed && records.len() < self.max_batch {
+                match rx.try_recv() {
+                    Ok(msg) => take(msg, &mut records, &mut waiters, &mut stop),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => closed = true,
+                }
+            }
+            if !records.is_empty() || !waiters.is_empty() || closed {
+                let want = if waiters.is_empty() && !closed { CpWant::Auto } else { CpWant::IfNew };
+                let (bodies, acks): (Vec<_>, Vec<_>) = records.into_iter().unzip();
+                let count = bodies.len();
+                let result = self.write_batch(bodies, want, None);
+                if result.is_err() && count > 0 {
+                    self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Err(e) = &result {
+                    tracing::error!("audit: {count} record(s) not written, requests fail closed: {e}");
+                }
+                for (i, ack) in acks.into_iter().enumerate() {
+                    let _ =
+                        ack.send(result.as_ref().map(|(first, _)| first + i as u64).map_err(Clone::clone));
+                }
+                for ack in waiters {
+                    let _ = ack.send(result.as_ref().map(|_| ()).map_err(Clone::clone));
+                }
+            }
+            if stop || closed {
+                return;
+            }
+            self.maintenance();
+        }
+    }
+}
