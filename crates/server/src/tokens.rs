@@ -73,7 +73,13 @@ pub struct TokenAuthority {
     lifetime_secs: u64,
     keys: RwLock<Arc<KeySet>>,
     validation: Validation,
+    /// Tokens whose signature and claims were verified already: a hit skips the ECDSA
+    /// verification but still checks `exp`/`nbf` against the clock. Keyed by the whole token.
+    verified: RwLock<HashMap<Arc<str>, Arc<Claims>>>,
 }
+
+/// Bound on the verified-token cache; it is cleared when full (tokens are cheap to re-verify).
+const VERIFIED_CACHE_MAX: usize = 16_384;
 
 fn signing_key_name(kid: &str) -> String {
     format!("token-signing:{kid}")
@@ -147,7 +153,15 @@ impl TokenAuthority {
         validation.validate_exp = true;
         validation.validate_nbf = true;
         validation.leeway = CLOCK_SKEW_SECS;
-        Ok(Self { issuer, audience, tenant, lifetime_secs, keys: RwLock::new(Arc::new(keys)), validation })
+        Ok(Self {
+            issuer,
+            audience,
+            tenant,
+            lifetime_secs,
+            keys: RwLock::new(Arc::new(keys)),
+            validation,
+            verified: RwLock::new(HashMap::new()),
+        })
     }
 
     pub fn issuer(&self) -> &str {
@@ -211,7 +225,28 @@ impl TokenAuthority {
     }
 
     /// Verifies every field of `token` and returns its claims.
-    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+    pub fn verify(&self, token: &str) -> Result<Arc<Claims>, TokenError> {
+        let cached = self.verified.read().expect("token cache lock poisoned").get(token).cloned();
+        if let Some(claims) = cached {
+            let now = unix_now();
+            if claims.exp + CLOCK_SKEW_SECS <= now {
+                return Err(TokenError::Expired);
+            }
+            if claims.nbf > now + CLOCK_SKEW_SECS {
+                return Err(TokenError::NotYetValid);
+            }
+            return Ok(claims);
+        }
+        let claims = Arc::new(self.verify_uncached(token)?);
+        let mut cache = self.verified.write().expect("token cache lock poisoned");
+        if cache.len() >= VERIFIED_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(Arc::from(token), claims.clone());
+        Ok(claims)
+    }
+
+    fn verify_uncached(&self, token: &str) -> Result<Claims, TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
         if header.alg != Algorithm::ES256 {
             return Err(TokenError::Algorithm);
@@ -326,7 +361,8 @@ mod tests {
     async fn every_field_is_validated() {
         let (_d, ta) = authority().await;
         let (good, claims) = ta.issue("oid", 600);
-        assert_eq!(ta.verify(&good).unwrap(), claims);
+        assert_eq!(*ta.verify(&good).unwrap(), claims);
+        assert_eq!(*ta.verify(&good).unwrap(), claims, "a cached verification gives the same claims");
 
         let keys = ta.keys();
         let kid = keys.active_kid.clone();

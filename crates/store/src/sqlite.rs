@@ -104,19 +104,23 @@ impl SqliteStore {
         })
     }
 
+    /// Runs a read on a free reader connection, inline on the calling task: reads are short
+    /// (indexed lookups served from the page cache), and a hop to the blocking pool would cost
+    /// more than the query on the hot path.
     async fn read<R, F>(&self, f: F) -> Result<R>
     where
         R: Send + 'static,
         F: FnOnce(&Connection) -> Result<R> + Send + 'static,
     {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let i = inner.next_reader.fetch_add(1, Ordering::Relaxed) % inner.readers.len();
-            let conn = inner.readers[i].lock().map_err(backend)?;
-            f(&conn)
-        })
-        .await
-        .map_err(backend)?
+        let readers = &self.inner.readers;
+        let start = self.inner.next_reader.fetch_add(1, Ordering::Relaxed);
+        for i in 0..readers.len() {
+            if let Ok(conn) = readers[(start + i) % readers.len()].try_lock() {
+                return f(&conn);
+            }
+        }
+        let conn = readers[start % readers.len()].lock().map_err(backend)?;
+        f(&conn)
     }
 
     /// Runs `f` in an IMMEDIATE transaction on the writer; commits only if `f` succeeds.
