@@ -82,27 +82,36 @@ fn socket_inode(peer: SocketAddr, local: SocketAddr) -> Option<u64> {
     None
 }
 
+/// Processes that owned recent peers: most callers are long-lived services that connect again
+/// and again, so their fd tables are searched before the whole of `/proc`.
+static RECENT_OWNERS: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+const RECENT_OWNERS_MAX: usize = 32;
+
+fn holds_socket(pid: u32, target: &str) -> bool {
+    let Ok(fds) = fs::read_dir(Path::new("/proc").join(pid.to_string()).join("fd")) else { return false };
+    fds.flatten().any(|fd| fs::read_link(fd.path()).is_ok_and(|link| link.as_os_str() == target))
+}
+
 fn owner_of_socket(inode: u64) -> Option<u32> {
     let target = format!("socket:[{inode}]");
     let own_pid = std::process::id();
-    let mut found = None;
-    for entry in fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(fds) = fs::read_dir(entry.path().join("fd")) else { continue };
-        for fd in fds.flatten() {
-            if fs::read_link(fd.path()).is_ok_and(|link| link.as_os_str() == target.as_str()) {
-                // The agent's own process never holds the client end; skip it defensively.
-                if pid != own_pid {
-                    found = Some(pid);
-                }
-                break;
-            }
-        }
-        if found.is_some() {
-            break;
-        }
+    let recent: Vec<u32> = RECENT_OWNERS.lock().map(|r| r.clone()).unwrap_or_default();
+    let found =
+        recent.into_iter().find(|pid| *pid != own_pid && holds_socket(*pid, &target)).or_else(|| {
+            fs::read_dir("/proc")
+                .ok()?
+                .flatten()
+                .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+                // The agent's own process never holds the client end.
+                .filter(|pid| *pid != own_pid)
+                .find(|pid| holds_socket(*pid, &target))
+        })?;
+    if let Ok(mut recent) = RECENT_OWNERS.lock() {
+        recent.retain(|p| *p != found);
+        recent.insert(0, found);
+        recent.truncate(RECENT_OWNERS_MAX);
     }
-    found
+    Some(found)
 }
 
 /// Reads uid/gid (effective), the executable and the cgroup of `pid`.
