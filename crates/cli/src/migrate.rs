@@ -267,7 +267,9 @@ fn parse_stdin(text: &str) -> Vec<Item> {
                 item.edit = Edit::None;
                 if matches!(item.value, Found::FromHost) {
                     item.value = Found::Problem(
-                        "no '=' on this line (part of a value that spans lines? pipe `env -0` instead); re-run".into(),
+                        "no '=' on this line (part of a value that spans lines? pipe `env -0` instead); \
+                         re-run"
+                            .into(),
                     );
                 }
                 item
@@ -536,7 +538,8 @@ fn environment(text: &str, service: &str, env: Node, items: &mut Vec<Item>) {
                     push(Item::problem(
                         Some(key.to_owned()),
                         location,
-                        "written as a YAML block scalar (| or >): write it as `- KEY=VALUE` on one line, or in the map form, and re-run",
+                        "written as a YAML block scalar (| or >): write it as `- KEY=VALUE` on one line, \
+                         or in the map form, and re-run",
                     ));
                     continue;
                 }
@@ -559,7 +562,8 @@ fn environment(text: &str, service: &str, env: Node, items: &mut Vec<Item>) {
                 let location = at(key.line);
                 let Some(name) = key.str().filter(|k| valid_key(k)) else {
                     let message = if key.str() == Some("<<") {
-                        "a YAML merge key (<<): write the variables out in this service's environment and re-run"
+                        "a YAML merge key (<<): write the variables out in this service's environment \
+                         and re-run"
                     } else {
                         "the key is not a variable name; fix the entry and re-run"
                     };
@@ -766,10 +770,7 @@ fn plan(items: &mut [Item], origin: &Origin) -> Vec<Row> {
             }
             (Found::Value(v), _) if v.is_empty() => {
                 row.result = Outcome::Skipped;
-                row.message = Some(
-                    "empty value: nothing to keep secret (Key Vault stores no empty secret); left as it is"
-                        .into(),
-                );
+                row.message = Some("empty value: nothing secret to move; left as it is".into());
             }
             (Found::Value(_), Some(Err(message))) => row.message = Some(message),
             (Found::Value(v), _) if v.len() > MAX_VALUE_BYTES => {
@@ -877,23 +878,37 @@ fn plan(items: &mut [Item], origin: &Origin) -> Vec<Row> {
 fn explain(e: &ClientError, vault: &str, name: &str) -> (String, bool) {
     match e {
         ClientError::Api { status: 401, .. } => (
-            "the server refused the token (401): source DATA_DIR/admin.env again (tokens expire) or pass --token, then re-run".into(),
+            "the server refused the token (401): source DATA_DIR/admin.env again (tokens \
+             expire) or pass --token, then re-run"
+                .into(),
             true,
         ),
         ClientError::Api { status: 403, message, .. } if message.contains("disabled") => (
-            format!("the current version of {name} is disabled: enable it (coffer secret update {name} --enabled true) or rename the key, then re-run"),
+            format!(
+                "the current version of {name} is disabled: enable it (coffer secret update \
+                 {name} --enabled true) or rename the key, then re-run"
+            ),
             false,
         ),
         ClientError::Api { status: 403, code, .. } => (
-            format!("not allowed (403 {code}): migrating needs get and set on the secrets of vault {vault} (e.g. the Key Vault Secrets Officer role); ask an administrator, then re-run"),
+            format!(
+                "not allowed (403 {code}): migrating needs get and set on the secrets of vault \
+                 {vault} (e.g. the Key Vault Secrets Officer role); ask an administrator, then re-run"
+            ),
             false,
         ),
         ClientError::Api { status: 404, .. } => (
-            format!("vault {vault} was not found (404): check --vault or COFFER_VAULT (coffer vault list), then re-run"),
+            format!(
+                "vault {vault} was not found (404): check --vault or COFFER_VAULT (coffer vault \
+                 list), then re-run"
+            ),
             true,
         ),
         ClientError::Api { status: 409, .. } => (
-            format!("a deleted secret named {name} exists (409): recover it (coffer secret recover {name}) or purge it (coffer secret purge {name}), then re-run"),
+            format!(
+                "a deleted secret named {name} exists (409): recover it (coffer secret recover \
+                 {name}) or purge it (coffer secret purge {name}), then re-run"
+            ),
             false,
         ),
         ClientError::Api { status, code, message } => {
@@ -1006,7 +1021,8 @@ fn clean_compose(
     let mut out = String::with_capacity(text.len() + 256);
     let _ = writeln!(
         out,
-        "# Cleaned by coffer migrate: the migrated variables' values now live in vault {vault}\n# ({vault_url}) and are empty here."
+        "# Cleaned by coffer migrate: the migrated variables' values now live in vault \
+         {vault}\n# ({vault_url}) and are empty here."
     );
     for line in listed {
         out.push_str(&line);
@@ -1203,6 +1219,11 @@ pub async fn run(args: MigrateArgs) -> Result<()> {
                 _ => clean_env(&text, &items, &migrated, &vault_url),
             };
             match write_cleaned(cleaned, &text, source, args.force) {
+                Ok(()) if failed > 0 => eprintln!(
+                    "wrote {} without the migrated values; it still holds those that were not \
+                     migrated: fix them and re-run with --force",
+                    cleaned.display()
+                ),
                 Ok(()) => eprintln!(
                     "wrote {} without the migrated values; review it, then replace {} with it",
                     cleaned.display(),

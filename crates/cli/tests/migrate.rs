@@ -14,7 +14,9 @@ use serde_json::Value;
 const MARKER: &str = "SEEKRIT";
 
 fn fixture(name: &str, dir: &Path) -> PathBuf {
-    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/migrate").join(name);
+    // `.env` fixtures are stored as `*.env.fixture` so no real-looking env file is tracked.
+    let stored = if name.ends_with(".env") { format!("{name}.fixture") } else { name.to_owned() };
+    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/migrate").join(stored);
     let to = dir.join(name);
     std::fs::copy(&from, &to).unwrap();
     to
@@ -198,7 +200,7 @@ async fn env_file_is_migrated_idempotently_and_cleaned() {
 }
 
 #[tokio::test]
-async fn collisions_are_reported_and_not_written() {
+async fn collisions_disabled_secrets_and_unreachable_servers_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("data"), free_port(), &[]);
     let env = fixture("collide.env", dir.path());
@@ -223,6 +225,38 @@ async fn collisions_are_reported_and_not_written() {
     assert!(text.contains("A_B=SEEKRIT-x1\nA-B=SEEKRIT-x2\n"), "{text}");
     assert!(!text.contains("SEEKRIT-x3"), "{text}");
     assert_eq!(text.matches("\nFINE=\n").count(), 2, "{text}");
+
+    // A disabled current version is neither read nor overwritten; the error says what to do.
+    let (ok, _, err) = cli(&server, &["secret", "update", "fine", "--enabled", "false"]);
+    assert!(ok, "{err}");
+    let r = migrate(&server, &["--env-file", env.to_str().unwrap()], &["--force"]);
+    assert!(!r.ok);
+    assert!(
+        r.err.contains("fine … error: the current version of fine is disabled: enable it (coffer secret update fine --enabled true)"),
+        "{}",
+        r.err
+    );
+    assert_eq!(versions(&server, "fine"), 1);
+
+    // An unreachable server: the first key says so, the others are not tried.
+    let out = Command::new(BIN)
+        .args(["migrate", "--vault", "dev", "--stdin"])
+        .envs(server.admin_env())
+        .env("COFFER_URL", format!("https://localhost:{}", free_port()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            child.stdin.take().unwrap().write_all(b"ONE=SEEKRIT-u1\nTWO=SEEKRIT-u2\n")?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(!err.contains(MARKER), "{err}");
+    assert!(err.contains("[1/2] one … error: cannot reach the server"), "{err}");
+    assert!(err.contains("[2/2] two … error: not tried, after the error above"), "{err}");
 }
 
 #[tokio::test]
