@@ -1,6 +1,7 @@
 //! `coffer`: the server, the admin tools and the CLI client in one binary.
 
 mod audit;
+mod events;
 mod identity;
 mod migrate;
 mod output;
@@ -62,6 +63,9 @@ enum Command {
     /// The audit log: query, verify the hash chain and signatures, export the public key.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// `coffer event …` (webhook subscriptions) and `coffer rotation …` (rotation policies).
+    #[command(flatten)]
+    Events(events::EventsCommand),
 }
 
 /// How the CLI reaches a server; read from the environment written to `admin.env`.
@@ -123,6 +127,7 @@ fn main() {
             Command::Federation(cmd) => identity::federation(cmd).await,
             Command::Agent(cmd) => identity::agent(cmd).await,
             Command::Audit(cmd) => audit::run(cmd).await,
+            Command::Events(cmd) => events::run(cmd).await,
         }
     });
     if let Err(e) = result {

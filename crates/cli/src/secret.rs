@@ -166,6 +166,13 @@ pub enum SecretCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// Rotate now: a new version with a generated value (from the secret's rotation policy, or
+    /// 32 random letters and digits). Prints the new version, never the value.
+    Rotate {
+        name: String,
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 fn read_value(value: Option<String>, file: Option<PathBuf>) -> Result<Zeroizing<String>> {
@@ -335,6 +342,9 @@ pub async fn run(cmd: SecretCommand) -> Result<()> {
                 std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let secret = target.conn.client()?.restore_secret(target.vault()?, blob.trim()).await?;
             print_one(&secret, target.conn.output, false)
+        }
+        SecretCommand::Rotate { name, target } => {
+            crate::events::rotate_secret(&target.conn, target.vault()?, &name).await
         }
     }
 }

@@ -81,7 +81,9 @@ async fn one_record_per_request_and_no_secret_material() {
     // Denied: no token (401) and a principal without a role (403), each recorded once.
     let http = reqwest::Client::builder()
         .use_rustls_tls()
-        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(data.join("ca.pem")).unwrap()).unwrap())
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(data.join("ca.pem")).unwrap()).unwrap(),
+        )
         .resolve("dev.localhost", format!("127.0.0.1:{port}").parse().unwrap())
         .build()
         .unwrap();
@@ -103,7 +105,9 @@ async fn one_record_per_request_and_no_secret_material() {
     ];
     let http_login = reqwest::Client::builder()
         .use_rustls_tls()
-        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(data.join("ca.pem")).unwrap()).unwrap())
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(data.join("ca.pem")).unwrap()).unwrap(),
+        )
         .resolve("login.localhost", format!("127.0.0.1:{port}").parse().unwrap())
         .build()
         .unwrap();
@@ -122,7 +126,10 @@ async fn one_record_per_request_and_no_secret_material() {
     assert_eq!(issue_record["identity"]["displayName"], "nobody");
     assert_eq!(http.get(&url).bearer_auth(&sp_token).send().await.unwrap().status(), 403);
     let forbidden = records(&audit_dir).last().unwrap().clone();
-    assert_eq!((forbidden["resultType"].as_str(), forbidden["statusCode"].as_u64()), (Some("Denied"), Some(403)));
+    assert_eq!(
+        (forbidden["resultType"].as_str(), forbidden["statusCode"].as_u64()),
+        (Some("Denied"), Some(403))
+    );
     assert_eq!(forbidden["identity"]["displayName"], "nobody");
     assert!(forbidden["properties"]["denialReason"].as_str().unwrap().contains("getSecret"));
 
@@ -136,7 +143,8 @@ async fn one_record_per_request_and_no_secret_material() {
     }
 
     // The CLI's query answers from the index.
-    let (ok, out, _) = cli(&server, &["audit", "query", "--secret", "audited", "--result", "denied", "-o", "json"]);
+    let (ok, out, _) =
+        cli(&server, &["audit", "query", "--secret", "audited", "--result", "denied", "-o", "json"]);
     assert!(ok);
     let found: Vec<Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(found.len(), 2, "the 401 and the 403 on 'audited'");
@@ -147,7 +155,12 @@ async fn one_record_per_request_and_no_secret_material() {
         Command::new(BIN).args(["audit", "verify", "--data-dir"]).arg(&data).args(extra).output().unwrap()
     };
     let ok = verify(&[]);
-    assert!(ok.status.success(), "{}{}", String::from_utf8_lossy(&ok.stdout), String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&ok.stdout),
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let server = TestServer::start(&data, port, &[]);
     assert!(records(&audit_dir).iter().any(|r| r["operationName"] == "SecretRecover"));
     drop(server);
@@ -167,7 +180,11 @@ async fn one_record_per_request_and_no_secret_material() {
 /// A full audit disk: requests fail with 503 and no value leaves the server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_audit_disk_fails_closed() {
-    if std::fs::read_to_string("/proc/self/status").unwrap().lines().any(|l| l.starts_with("Uid:") && !l.contains("\t0\t")) {
+    if std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && !l.contains("\t0\t"))
+    {
         eprintln!("needs root to mount a tmpfs; run the suite as root (CI does)");
         panic!("root required for the fail-closed test");
     }

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use coffer_core::model::Timestamp;
-use coffer_store::{EventStore, EventType, OutboxEvent, Store, StoreError, Subscription};
+use coffer_store::{EventType, OutboxEvent, Store, StoreError, Subscription};
 use rand::RngCore;
 use serde_json::json;
 use tokio::sync::watch;
@@ -117,10 +117,10 @@ pub fn cloud_event(e: &OutboxEvent, vault_url: &str) -> serde_json::Value {
 pub fn new_signing_secret() -> Zeroizing<String> {
     let mut bytes = Zeroizing::new([0u8; 32]);
     rand::rngs::OsRng.fill_bytes(bytes.as_mut());
-    Zeroizing::new(format!(
-        "{SECRET_PREFIX}{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes.as_ref())
-    ))
+    let mut secret = Zeroizing::new(String::with_capacity(SECRET_PREFIX.len() + 43));
+    secret.push_str(SECRET_PREFIX);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(bytes.as_ref(), &mut secret);
+    secret
 }
 
 /// Creates a subscription; returns it with its signing secret (shown once, stored wrapped).
@@ -139,8 +139,10 @@ pub async fn subscribe(
 }
 
 /// Delivers outbox events until `shutdown` turns true. Every step is bounded: one round per
-/// second, at most [`BATCH`] events per subscription and [`PARALLEL`] subscriptions at a time,
-/// 10 s per request; an interrupted delivery is simply retried (at least once).
+/// second; each due subscription gets its own worker (at most [`PARALLEL`] at a time, one per
+/// subscription, so a slow receiver delays only its own events), which sends at most [`BATCH`]
+/// events with 10 s per request. Workers are aborted at shutdown; an interrupted delivery is
+/// simply sent again (at least once).
 pub fn spawn_dispatcher(state: Arc<AppState>, data_dir: &Path, mut shutdown: watch::Receiver<bool>) {
     let http = match http_client(data_dir) {
         Ok(http) => http,
@@ -152,6 +154,8 @@ pub fn spawn_dispatcher(state: Arc<AppState>, data_dir: &Path, mut shutdown: wat
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Dropping the set (on return) aborts the workers.
+        let mut workers = Workers::default();
         let mut round: u32 = 0;
         loop {
             tokio::select! {
@@ -162,13 +166,39 @@ pub fn spawn_dispatcher(state: Arc<AppState>, data_dir: &Path, mut shutdown: wat
                 return;
             }
             round = round.wrapping_add(1);
-            let work = run_round(&state, &http, round % NOTICE_SCAN_EVERY_TICKS == 1);
+            let work = run_round(&state, &http, &mut workers, round % NOTICE_SCAN_EVERY_TICKS == 1);
             tokio::select! {
                 _ = work => {}
                 _ = shutdown.changed() => return,
             }
         }
     });
+}
+
+/// The delivery workers in flight, by subscription.
+#[derive(Default)]
+struct Workers {
+    tasks: tokio::task::JoinSet<()>,
+    busy: std::collections::HashMap<tokio::task::Id, String>,
+}
+
+impl Workers {
+    fn reap(&mut self) {
+        while let Some(done) = self.tasks.try_join_next_with_id() {
+            let id = match done {
+                Ok((id, ())) => id,
+                Err(e) => {
+                    tracing::error!(error = %e, "an event delivery worker failed");
+                    e.id()
+                }
+            };
+            self.busy.remove(&id);
+        }
+    }
+
+    fn is_busy(&self, subscription: &str) -> bool {
+        self.busy.values().any(|s| s == subscription)
+    }
 }
 
 /// The webhook client: system roots (and `SSL_CERT_FILE`) plus the dev CA when there is one.
@@ -188,7 +218,7 @@ fn http_client(data_dir: &Path) -> Result<reqwest::Client, String> {
     builder.build().map_err(|e| e.to_string())
 }
 
-async fn run_round(state: &Arc<AppState>, http: &reqwest::Client, scan: bool) {
+async fn run_round(state: &Arc<AppState>, http: &reqwest::Client, workers: &mut Workers, scan: bool) {
     let store: &dyn Store = state.store.as_ref();
     let now = unix_now() as Timestamp;
     if scan {
@@ -198,6 +228,10 @@ async fn run_round(state: &Arc<AppState>, http: &reqwest::Client, scan: bool) {
             Err(e) => tracing::warn!(error = %e, "scanning for expiring secrets failed"),
         }
     }
+    workers.reap();
+    if workers.busy.len() >= PARALLEL {
+        return;
+    }
     let due = match store.subscriptions_due(now).await {
         Ok(due) => due,
         Err(e) => {
@@ -205,16 +239,17 @@ async fn run_round(state: &Arc<AppState>, http: &reqwest::Client, scan: bool) {
             return;
         }
     };
-    let limit = Arc::new(tokio::sync::Semaphore::new(PARALLEL));
-    let mut tasks = tokio::task::JoinSet::new();
     for (sub, failures) in due {
-        let (state, http, limit) = (state.clone(), http.clone(), limit.clone());
-        tasks.spawn(async move {
-            let Ok(_permit) = limit.acquire().await else { return };
-            deliver(&state, &http, &sub, failures).await;
-        });
+        if workers.busy.len() >= PARALLEL {
+            break;
+        }
+        if workers.is_busy(&sub.id) {
+            continue;
+        }
+        let (state, http, id) = (state.clone(), http.clone(), sub.id.clone());
+        let handle = workers.tasks.spawn(async move { deliver(&state, &http, &sub, failures).await });
+        workers.busy.insert(handle.id(), id);
     }
-    while tasks.join_next().await.is_some() {}
 }
 
 /// Sends a subscription's pending events in order until one fails.
@@ -256,7 +291,10 @@ async fn deliver(state: &AppState, http: &reqwest::Client, sub: &Subscription, f
     if let Err(error) = outcome {
         let failures = failures.saturating_add(1);
         let next = unix_now() as Timestamp + backoff(failures).as_secs() as Timestamp;
-        tracing::warn!(subscription = %sub.id, url = %sub.url, attempts = failures, %error, "event delivery failed; will retry");
+        tracing::warn!(
+            subscription = %sub.id, url = %sub.url, attempts = failures, %error,
+            "event delivery failed; will retry"
+        );
         if let Err(e) = store.defer_events(&sub.id, failures, next, &error).await {
             tracing::warn!(error = %e, "recording the failed delivery failed");
         }

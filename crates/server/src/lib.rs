@@ -9,8 +9,10 @@ pub mod api;
 pub mod broker;
 pub mod config;
 pub mod directory;
+pub mod events;
 pub mod files;
 pub mod keyring;
+pub mod rotation;
 pub mod serve;
 pub mod tls;
 pub mod tokens;
@@ -258,6 +260,8 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> a
         });
     }
     spawn_purger(state.clone(), shutdown.clone());
+    events::spawn_dispatcher(state.clone(), &config.data_dir, shutdown.clone());
+    rotation::spawn_rotator(state.clone(), shutdown.clone());
     let app = api::router(state.clone());
     println!(
         "coffer ready: listening on https://{} (zone {}, {} mode)",

@@ -204,6 +204,36 @@ fn now() -> Timestamp {
     unix_now() as Timestamp
 }
 
+/// Validates a new version, gives it a fresh version id and seals its value under the vault
+/// KEK for its location. Shared by every path that creates a version from a value.
+fn seal_new_version(
+    vault: &Vault,
+    name: &SecretName,
+    new: NewSecret,
+) -> Result<(VersionProperties, SealedValue), ServiceError> {
+    validate_value_len(new.value.len())?;
+    validate_content_type(new.content_type.as_deref())?;
+    validate_tags(&new.tags)?;
+    let now = now();
+    let version = VersionId::generate();
+    let props = VersionProperties {
+        version: version.as_str().to_owned(),
+        attributes: VersionAttributes {
+            enabled: new.enabled.unwrap_or(true),
+            not_before: new.not_before,
+            expires: new.expires,
+            created: now,
+            updated: now,
+        },
+        content_type: new.content_type,
+        tags: new.tags,
+    };
+    props.attributes.validate()?;
+    let key = name.key();
+    let sealed = SealedValue::seal(&vault.kek, vault.location(&key, version.as_str()), &new.value);
+    Ok((props, sealed))
+}
+
 impl VaultService {
     /// Loads every vault and unwraps its KEK.
     pub async fn load(store: Arc<dyn Store>, keyring: Arc<Keyring>) -> Result<Self, ServiceError> {
@@ -273,29 +303,42 @@ impl VaultService {
         name: &SecretName,
         new: NewSecret,
     ) -> Result<VersionProperties, ServiceError> {
-        validate_value_len(new.value.len())?;
-        validate_content_type(new.content_type.as_deref())?;
-        validate_tags(&new.tags)?;
-        let now = now();
-        let version = VersionId::generate();
-        let props = VersionProperties {
-            version: version.as_str().to_owned(),
-            attributes: VersionAttributes {
-                enabled: new.enabled.unwrap_or(true),
-                not_before: new.not_before,
-                expires: new.expires,
-                created: now,
-                updated: now,
-            },
-            content_type: new.content_type,
-            tags: new.tags,
-        };
-        props.attributes.validate()?;
-        let key = name.key();
-        let sealed = SealedValue::seal(&vault.kek, vault.location(&key, version.as_str()), &new.value);
+        let (props, sealed) = seal_new_version(vault, name, new)?;
         self.store.add_version(&vault.record.id, name, &props, &sealed).await?;
         self.changes.publish(vault, name.as_str(), Some(&props.version), ChangeKind::NewVersion);
         Ok(props)
+    }
+
+    /// The scheduled rotation's write: seals `new` exactly as [`VaultService::set`] does, then
+    /// in one store transaction adds the version and moves the rotation policy's due time from
+    /// `expected_due` to `next_due(new version)`. `Ok(None)`, having written nothing, when that
+    /// due time was already served (or changed), so a due time is served exactly once.
+    pub async fn set_if_due(
+        &self,
+        vault: &Vault,
+        name: &SecretName,
+        new: NewSecret,
+        expected_due: Timestamp,
+        next_due: impl FnOnce(&VersionProperties) -> Option<Timestamp>,
+    ) -> Result<Option<VersionProperties>, ServiceError> {
+        let (props, sealed) = seal_new_version(vault, name, new)?;
+        let next = next_due(&props);
+        let store: &dyn Store = self.store.as_ref();
+        let rotated = coffer_store::EventStore::rotate_version_if_due(
+            store,
+            &vault.record.id,
+            name,
+            &props,
+            &sealed,
+            expected_due,
+            next,
+        )
+        .await?;
+        if !rotated {
+            return Ok(None);
+        }
+        self.changes.publish(vault, name.as_str(), Some(&props.version), ChangeKind::NewVersion);
+        Ok(Some(props))
     }
 
     /// Returns a version and its value. A disabled version is refused, as in Key Vault.

@@ -106,6 +106,9 @@ pub(super) async fn handle(state: &Arc<AppState>, req: Request, note: &mut Audit
 
 /// Coffer's operation names for the admin API.
 fn operation(segments: &[&str], method: &Method) -> &'static str {
+    if let Some(op) = super::events::operation(segments, method) {
+        return op;
+    }
     let m = method.as_str();
     match (segments, m) {
         (["admin", "vaults"], "GET") => "VaultList",
@@ -164,6 +167,9 @@ async fn handle_inner(
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     if segments.get(1) == Some(&"audit") {
         return audit_api(state, &principal, &segments, &pairs).await;
+    }
+    if super::events::owns(&segments) {
+        return super::events::handle(state, &principal, &parts.method, &segments, &pairs, body, note).await;
     }
     if segments.get(1).is_some_and(|s| *s != "vaults") {
         let handled = super::directory::handle(state, &principal, &parts.method, &segments, body).await;

@@ -12,6 +12,7 @@
 mod admin;
 mod directory;
 mod error;
+mod events;
 mod identity;
 mod keyvault;
 

@@ -94,8 +94,10 @@ CREATE TRIGGER rotation_on_secret_delete AFTER DELETE ON secrets BEGIN
     DELETE FROM rotation_policies WHERE vault_id = OLD.vault_id AND name_key = OLD.name_key;
 END;
 CREATE TRIGGER events_on_vault_delete AFTER DELETE ON vaults BEGIN
-    DELETE FROM event_outbox WHERE subscription_id IN (SELECT id FROM event_subscriptions WHERE vault_id = OLD.id);
-    DELETE FROM event_notices WHERE subscription_id IN (SELECT id FROM event_subscriptions WHERE vault_id = OLD.id);
+    DELETE FROM event_outbox
+        WHERE subscription_id IN (SELECT id FROM event_subscriptions WHERE vault_id = OLD.id);
+    DELETE FROM event_notices
+        WHERE subscription_id IN (SELECT id FROM event_subscriptions WHERE vault_id = OLD.id);
     DELETE FROM wrapped_keys
         WHERE name IN (SELECT 'webhook-secret:' || id FROM event_subscriptions WHERE vault_id = OLD.id);
     DELETE FROM event_subscriptions WHERE vault_id = OLD.id;
@@ -120,10 +122,6 @@ fn parse_types(text: &str) -> Result<Vec<EventType>> {
         .filter(|t| !t.is_empty())
         .map(|t| EventType::parse(t).ok_or_else(|| backend(format!("unknown event type {t}"))))
         .collect()
-}
-
-fn parse_type(text: &str) -> Result<EventType> {
-    EventType::parse(text).ok_or_else(|| backend(format!("unknown event type {text}")))
 }
 
 const SUBSCRIPTION_COLUMNS: &str =
@@ -191,7 +189,8 @@ impl EventStore for SqliteStore {
                 return Err(StoreError::NotFound);
             }
             tx.execute(
-                "INSERT INTO event_subscriptions (id, vault_id, url, types, secret_name, secret_key, near_expiry_secs, created)
+                "INSERT INTO event_subscriptions
+                     (id, vault_id, url, types, secret_name, secret_key, near_expiry_secs, created)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
                     sub.id,
@@ -276,10 +275,12 @@ impl EventStore for SqliteStore {
                 tx.query_row("SELECT MAX(near_expiry_secs) FROM event_subscriptions", [], |r| r.get(0))?;
             let Some(widest) = widest else { return Ok(0) };
             let mut stmt = tx.prepare_cached(
-                "SELECT c.sub_id, c.type, c.vault_id, c.vault_name, c.name, c.version, c.seq, c.nbf, c.exp FROM (
+                "SELECT c.sub_id, c.type, c.vault_id, c.vault_name, c.name, c.version, c.seq, c.nbf, c.exp
+                 FROM (
                      SELECT sub.id AS sub_id, sub.types AS types,
                             CASE WHEN v.exp <= ?1 THEN 'SecretExpired' ELSE 'SecretNearExpiry' END AS type,
-                            s.vault_id AS vault_id, va.name AS vault_name, s.name AS name, v.version AS version,
+                            s.vault_id AS vault_id, va.name AS vault_name, s.name AS name,
+                            v.version AS version,
                             v.seq AS seq, v.nbf AS nbf, v.exp AS exp
                      FROM versions v
                      JOIN secrets s ON s.id = v.secret_id AND s.deleted_at IS NULL
@@ -311,12 +312,14 @@ impl EventStore for SqliteStore {
             drop(stmt);
             for (sub_id, kind, vault_id, vault_name, name, version, seq, nbf, exp) in &found {
                 tx.execute(
-                    "INSERT INTO event_notices (subscription_id, version_seq, type, exp) VALUES (?1, ?2, ?3, ?4)",
+                    "INSERT INTO event_notices (subscription_id, version_seq, type, exp)
+                     VALUES (?1, ?2, ?3, ?4)",
                     params![sub_id, seq, kind, exp],
                 )?;
                 tx.execute(
                     "INSERT INTO event_outbox
-                        (subscription_id, type, vault_id, vault_name, secret_name, version, version_seq, nbf, exp, time)
+                        (subscription_id, type, vault_id, vault_name, secret_name, version, version_seq,
+                         nbf, exp, time)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                     params![sub_id, kind, vault_id, vault_name, name, version, seq, nbf, exp, now],
                 )?;
@@ -330,42 +333,34 @@ impl EventStore for SqliteStore {
         let id = subscription_id.to_owned();
         self.read(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT seq, subscription_id, type, vault_id, vault_name, secret_name, version, version_seq, nbf, exp, time
+                "SELECT seq, subscription_id, type, vault_id, vault_name, secret_name, version, version_seq,
+                        nbf, exp, time
                  FROM event_outbox WHERE subscription_id = ?1 ORDER BY seq LIMIT ?2",
             )?;
             let rows = stmt.query_map(params![id, limit as i64], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, String>(5)?,
-                    r.get::<_, String>(6)?,
-                    r.get::<_, i64>(7)?,
-                    r.get::<_, Option<i64>>(8)?,
-                    r.get::<_, Option<i64>>(9)?,
-                    r.get::<_, i64>(10)?,
-                ))
-            })?;
-            rows.map(|row| {
-                let (seq, subscription_id, kind, vault_id, vault_name, secret_name, version, version_seq, nbf, exp, time) =
-                    row?;
+                let kind: String = r.get(2)?;
+                let event_type = EventType::parse(&kind).ok_or_else(|| {
+                    rusqlite::Error::InvalidColumnType(
+                        2,
+                        format!("event type {kind}"),
+                        rusqlite::types::Type::Text,
+                    )
+                })?;
                 Ok(OutboxEvent {
-                    seq,
-                    subscription_id,
-                    event_type: parse_type(&kind)?,
-                    vault_id,
-                    vault_name,
-                    secret_name,
-                    version,
-                    version_seq,
-                    nbf,
-                    exp,
-                    time,
+                    seq: r.get(0)?,
+                    subscription_id: r.get(1)?,
+                    event_type,
+                    vault_id: r.get(3)?,
+                    vault_name: r.get(4)?,
+                    secret_name: r.get(5)?,
+                    version: r.get(6)?,
+                    version_seq: r.get(7)?,
+                    nbf: r.get(8)?,
+                    exp: r.get(9)?,
+                    time: r.get(10)?,
                 })
-            })
-            .collect()
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
         .await
     }
@@ -417,7 +412,8 @@ impl EventStore for SqliteStore {
         let (id, error) = (subscription_id.to_owned(), error.to_owned());
         self.write(move |tx| {
             tx.execute(
-                "UPDATE event_subscriptions SET attempts = ?2, next_attempt = ?3, last_error = ?4 WHERE id = ?1",
+                "UPDATE event_subscriptions SET attempts = ?2, next_attempt = ?3, last_error = ?4
+                 WHERE id = ?1",
                 params![id, attempts, next_attempt, error],
             )?;
             Ok(())
@@ -429,8 +425,9 @@ impl EventStore for SqliteStore {
         let p = p.clone();
         self.write(move |tx| {
             tx.execute(
-                "INSERT INTO rotation_policies (vault_id, name_key, secret_name, every_secs, before_expiry_secs, generator,
-                     expires_after_secs, notify_only, next_due, last_rotated, created, updated)
+                "INSERT INTO rotation_policies (vault_id, name_key, secret_name, every_secs,
+                     before_expiry_secs, generator, expires_after_secs, notify_only, next_due, last_rotated,
+                     created, updated)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                  ON CONFLICT (vault_id, name_key) DO UPDATE SET secret_name = ?3, every_secs = ?4,
                      before_expiry_secs = ?5, generator = ?6, expires_after_secs = ?7, notify_only = ?8,
@@ -494,7 +491,8 @@ impl EventStore for SqliteStore {
         self.read(move |c| {
             let sql = format!(
                 "SELECT {POLICY_COLUMNS} FROM rotation_policies p
-                 JOIN secrets s ON s.vault_id = p.vault_id AND s.name_key = p.name_key AND s.deleted_at IS NULL
+                 JOIN secrets s
+                   ON s.vault_id = p.vault_id AND s.name_key = p.name_key AND s.deleted_at IS NULL
                  WHERE p.next_due IS NOT NULL AND p.next_due <= ?1 AND p.notify_only = 0
                  ORDER BY p.next_due LIMIT ?2"
             );
