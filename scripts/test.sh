@@ -30,8 +30,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test (unit + integration against the real binary)"
 cargo test --workspace --locked
 
-step "build the coffer binary for the SDK suites"
-cargo build --locked -p coffer-cli --bin coffer
+step "the coffer binary for the SDK suites"
+# `cargo test --workspace` has just built target/debug/coffer (coffer-cli's integration tests
+# run it); a separate `cargo build -p coffer-cli` would resolve other features and rebuild.
+[ -x target/debug/coffer ] || cargo build --locked --workspace --bins
 
 step "official Azure SDK compatibility suites"
 bash tests/compat/run.sh target/debug/coffer
