@@ -33,10 +33,11 @@ cargo test --workspace --locked
 step "the coffer binary for the SDK suites"
 # `cargo test --workspace` has just built target/debug/coffer (coffer-cli's integration tests
 # run it); a separate `cargo build -p coffer-cli` would resolve other features and rebuild.
-[ -x target/debug/coffer ] || cargo build --locked --workspace --bins
+bin="${CARGO_TARGET_DIR:-target}/debug/coffer"
+[ -x "$bin" ] || cargo build --locked --workspace --bins
 
 step "official Azure SDK compatibility suites"
-bash tests/compat/run.sh target/debug/coffer
+bash tests/compat/run.sh "$bin"
 
 echo
 echo "all Coffer tests passed"
