@@ -63,7 +63,7 @@ pub struct ServerSettings {
     /// Prune audit files older than this many days (default: keep all).
     #[arg(long, env = "COFFER_AUDIT_RETENTION_DAYS")]
     audit_retention_days: Option<u64>,
-    /// Rotate the audit file beyond this size (default 64 MiB).
+    /// Rotate the audit file beyond this size (default 4 MiB).
     #[arg(long, env = "COFFER_AUDIT_MAX_FILE_MIB")]
     audit_max_file_mib: Option<u64>,
 }

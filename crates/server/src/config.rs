@@ -128,7 +128,8 @@ pub struct AuditSettings {
 
 impl AuditSettings {
     fn from_file(file: &FileConfig) -> Result<Self, ConfigError> {
-        let max_file_mib = file.audit_max_file_mib.unwrap_or(64);
+        // Small files keep start-up fast: opening the log re-reads the active file.
+        let max_file_mib = file.audit_max_file_mib.unwrap_or(4);
         if max_file_mib == 0 {
             return Err(ConfigError::Invalid("audit_max_file_mib must be at least 1".into()));
         }
