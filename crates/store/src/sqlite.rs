@@ -109,8 +109,7 @@ impl SqliteStore {
     /// more than the query on the hot path.
     async fn read<R, F>(&self, f: F) -> Result<R>
     where
-        R: Send + 'static,
-        F: FnOnce(&Connection) -> Result<R> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<R>,
     {
         let readers = &self.inner.readers;
         let start = self.inner.next_reader.fetch_add(1, Ordering::Relaxed);
@@ -208,11 +207,10 @@ fn tags_json(tags: &Tags) -> String {
 /// (secret id, deleted?) for a name, in any state.
 fn find_secret(conn: &Connection, vault_id: &str, name_key: &str) -> Result<Option<(i64, bool)>> {
     Ok(conn
-        .query_row(
+        .prepare_cached(
             "SELECT id, deleted_at IS NOT NULL FROM secrets WHERE vault_id = ?1 AND name_key = ?2",
-            params![vault_id, name_key],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
+        )?
+        .query_row(params![vault_id, name_key], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?)
 }
 
@@ -488,11 +486,22 @@ impl Store for SqliteStore {
         name_key: &str,
         version: Option<&str>,
     ) -> Result<Option<StoredVersion>> {
-        let (vault_id, name_key, version) =
-            (vault_id.to_owned(), name_key.to_owned(), version.map(str::to_owned));
-        self.read(move |c| match find_secret(c, &vault_id, &name_key)? {
-            Some((id, false)) => load_version(c, id, version.as_deref()),
-            _ => Ok(None),
+        // One statement on the hot path: the secret's unique index, then its versions' index.
+        self.read(|c| {
+            let base = format!(
+                "SELECT {VERSION_COLUMNS}, v.wrapped_dek, v.ciphertext FROM secrets s JOIN versions v ON v.secret_id = s.id
+                 WHERE s.vault_id = ?1 AND s.name_key = ?2 AND s.deleted_at IS NULL"
+            );
+            Ok(match version {
+                None => c
+                    .prepare_cached(&format!("{base} ORDER BY v.seq DESC LIMIT 1"))?
+                    .query_row(params![vault_id, name_key], stored_from_row)
+                    .optional()?,
+                Some(v) => c
+                    .prepare_cached(&format!("{base} AND v.version = ?3"))?
+                    .query_row(params![vault_id, name_key, v], stored_from_row)
+                    .optional()?,
+            })
         })
         .await
     }
