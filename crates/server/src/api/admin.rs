@@ -14,7 +14,7 @@ use coffer_store::VaultRecord;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    authenticate, json_response, query_pairs, query_value, read_body, ApiError, AppState, AuditNote,
+    allow, authenticate, json_response, query_pairs, query_value, read_body, ApiError, AppState, AuditNote,
 };
 use crate::vaults::ServiceError;
 
@@ -75,21 +75,6 @@ fn vault_not_found(name: &str) -> ApiError {
 fn ok<T: Serialize>(status: StatusCode, body: &T) -> Result<Response, ApiError> {
     let text = serde_json::to_string(body).map_err(|e| ApiError::internal(&e.to_string()))?;
     Ok(json_response(status, text))
-}
-
-fn allow(
-    state: &AppState,
-    principal: &Principal,
-    action: Action,
-    resource: Resource<'_>,
-) -> Result<(), ApiError> {
-    state
-        .directory
-        .snapshot()
-        .rbac
-        .authorize(principal, action, resource)
-        .map(|_| ())
-        .map_err(super::forbidden_by_rbac)
 }
 
 pub(super) async fn handle(state: &Arc<AppState>, req: Request, note: &mut AuditNote) -> Response {

@@ -19,31 +19,12 @@ use coffer_store::StoreError;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{forbidden_by_rbac, json_response, read_body, ApiError, AppState};
+use super::{allow, forbidden_by_rbac, ok_value as ok, read_body, ApiError, AppState};
 use crate::directory::Snapshot;
 use crate::tokens::unix_now;
 
 /// Join tokens are short-lived: an hour to run `coffer agent join` on the new host.
 const JOIN_TOKEN_SECS: i64 = 3600;
-
-fn allow(
-    state: &AppState,
-    principal: &Principal,
-    action: Action,
-    resource: Resource<'_>,
-) -> Result<(), ApiError> {
-    state
-        .directory
-        .snapshot()
-        .rbac
-        .authorize(principal, action, resource)
-        .map(|_| ())
-        .map_err(forbidden_by_rbac)
-}
-
-fn ok(status: StatusCode, body: Value) -> Result<Response, ApiError> {
-    Ok(json_response(status, body.to_string()))
-}
 
 fn store_error(e: StoreError, what: &str) -> ApiError {
     match e {

@@ -18,7 +18,7 @@ use coffer_store::{EventType, RotationPolicy, Store, StoreError, Subscription, S
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{forbidden_by_rbac, json_response, query_value, read_body, ApiError, AppState, AuditNote};
+use super::{allow, ok_value as ok, query_value, read_body, ApiError, AppState, AuditNote};
 use crate::events::DEFAULT_NEAR_EXPIRY_SECS;
 use crate::rotation::{self, Generator, RotateError};
 use crate::tokens::unix_now;
@@ -51,25 +51,6 @@ pub(super) fn operation(segments: &[&str], method: &Method) -> Option<&'static s
         (["admin", "vaults", _, "secrets", _, "rotate"], _) => "SecretRotate",
         _ => return None,
     })
-}
-
-fn allow(
-    state: &AppState,
-    principal: &Principal,
-    action: Action,
-    resource: Resource<'_>,
-) -> Result<(), ApiError> {
-    state
-        .directory
-        .snapshot()
-        .rbac
-        .authorize(principal, action, resource)
-        .map(|_| ())
-        .map_err(forbidden_by_rbac)
-}
-
-fn ok(status: StatusCode, body: Value) -> Result<Response, ApiError> {
-    Ok(json_response(status, body.to_string()))
 }
 
 fn store_error(e: StoreError) -> ApiError {

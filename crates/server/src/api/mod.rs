@@ -301,6 +301,27 @@ fn authenticate_inner(
     Ok(principal.clone())
 }
 
+/// The admin API's authorization step: one RBAC decision on the current directory snapshot.
+pub(crate) fn allow(
+    state: &AppState,
+    principal: &Principal,
+    action: coffer_core::authz::Action,
+    resource: coffer_core::authz::Resource<'_>,
+) -> Result<(), ApiError> {
+    state
+        .directory
+        .snapshot()
+        .rbac
+        .authorize(principal, action, resource)
+        .map(|_| ())
+        .map_err(forbidden_by_rbac)
+}
+
+/// A JSON value as a response.
+pub(crate) fn ok_value(status: StatusCode, body: serde_json::Value) -> Result<Response, ApiError> {
+    Ok(json_response(status, body.to_string()))
+}
+
 /// Turns a denial into Key Vault's RBAC error.
 pub(crate) fn forbidden_by_rbac(denial: coffer_core::authz::Denial) -> ApiError {
     ApiError::forbidden(denial.to_string()).with_inner("ForbiddenByRbac")
