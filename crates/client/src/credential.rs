@@ -49,6 +49,17 @@ fn http() -> Result<reqwest::Client> {
     crate::app_http_client(None)
 }
 
+/// A failed token request: OAuth endpoints put the reason in `error_description`.
+async fn token_error(response: reqwest::Response, code: &str) -> ClientError {
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v["error_description"].as_str().map(str::to_owned))
+        .unwrap_or(text);
+    ClientError::Api { status, code: code.into(), message }
+}
+
 /// Managed identity through the host's agent (App Service protocol, else IMDS).
 pub struct ManagedIdentityCredential {
     http: reqwest::Client,
@@ -99,18 +110,8 @@ impl TokenCredential for ManagedIdentityCredential {
             }
         };
         let response = request.send().await.map_err(|e| ClientError::Transport(e.to_string()))?;
-        let status = response.status();
-        if !status.is_success() {
-            let text = response.text().await.unwrap_or_default();
-            let detail = serde_json::from_str::<serde_json::Value>(&text)
-                .ok()
-                .and_then(|v| v["error_description"].as_str().map(str::to_owned))
-                .unwrap_or(text);
-            return Err(ClientError::Api {
-                status: status.as_u16(),
-                code: "ManagedIdentity".into(),
-                message: detail,
-            });
+        if !response.status().is_success() {
+            return Err(token_error(response, "ManagedIdentity").await);
         }
         let body: ManagedIdentityToken =
             response.json().await.map_err(|e| ClientError::Decode(e.to_string()))?;
@@ -199,18 +200,8 @@ impl TokenCredential for ClientCredential {
             .send()
             .await
             .map_err(|e| ClientError::Transport(e.to_string()))?;
-        let status = response.status();
-        if !status.is_success() {
-            let text = response.text().await.unwrap_or_default();
-            let detail = serde_json::from_str::<serde_json::Value>(&text)
-                .ok()
-                .and_then(|v| v["error_description"].as_str().map(str::to_owned))
-                .unwrap_or(text);
-            return Err(ClientError::Api {
-                status: status.as_u16(),
-                code: "TokenRequest".into(),
-                message: detail,
-            });
+        if !response.status().is_success() {
+            return Err(token_error(response, "TokenRequest").await);
         }
         let body: EntraToken = response.json().await.map_err(|e| ClientError::Decode(e.to_string()))?;
         Ok(AccessToken { token: body.access_token, expires_on: now() + body.expires_in })

@@ -122,6 +122,12 @@ impl SqliteStore {
         f(&conn)
     }
 
+    /// Deletes the row of `table` whose `id` is `id`; true if it existed.
+    pub(crate) async fn delete_by_id(&self, table: &'static str, id: &str) -> Result<bool> {
+        let (sql, id) = (format!("DELETE FROM {table} WHERE id = ?1"), id.to_owned());
+        self.write(move |tx| Ok(tx.execute(&sql, params![id])? > 0)).await
+    }
+
     /// Runs `f` in an IMMEDIATE transaction on the writer; commits only if `f` succeeds.
     async fn write<R, F>(&self, f: F) -> Result<R>
     where

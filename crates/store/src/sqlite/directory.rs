@@ -252,8 +252,7 @@ impl DirectoryStore for SqliteStore {
     }
 
     async fn take_credential(&self, id: &str) -> Result<bool> {
-        let id = id.to_owned();
-        self.write(move |tx| Ok(tx.execute("DELETE FROM credentials WHERE id = ?1", params![id])? > 0)).await
+        self.delete_by_id("credentials", id).await
     }
 
     async fn custom_roles(&self) -> Result<Vec<RoleDefinition>> {
@@ -351,9 +350,7 @@ impl DirectoryStore for SqliteStore {
     }
 
     async fn delete_role_assignment(&self, id: &str) -> Result<bool> {
-        let id = id.to_owned();
-        self.write(move |tx| Ok(tx.execute("DELETE FROM role_assignments WHERE id = ?1", params![id])? > 0))
-            .await
+        self.delete_by_id("role_assignments", id).await
     }
 
     async fn bindings(&self) -> Result<Vec<Binding>> {
@@ -389,8 +386,7 @@ impl DirectoryStore for SqliteStore {
     }
 
     async fn delete_binding(&self, id: &str) -> Result<bool> {
-        let id = id.to_owned();
-        self.write(move |tx| Ok(tx.execute("DELETE FROM bindings WHERE id = ?1", params![id])? > 0)).await
+        self.delete_by_id("bindings", id).await
     }
 
     async fn federated_credentials(&self) -> Result<Vec<FederatedCredential>> {
@@ -429,11 +425,7 @@ impl DirectoryStore for SqliteStore {
     }
 
     async fn delete_federated_credential(&self, id: &str) -> Result<bool> {
-        let id = id.to_owned();
-        self.write(move |tx| {
-            Ok(tx.execute("DELETE FROM federated_credentials WHERE id = ?1", params![id])? > 0)
-        })
-        .await
+        self.delete_by_id("federated_credentials", id).await
     }
 }
 
