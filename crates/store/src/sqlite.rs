@@ -1,10 +1,13 @@
 //! The embedded default: SQLite in WAL mode with `synchronous=FULL`, so a write is on disk when
-//! its transaction commits. One writer connection (SQLite serializes writers anyway) and a small
-//! pool of reader connections; every call runs on tokio's blocking pool.
+//! its transaction commits. One writer connection (SQLite serializes writers anyway), owned by a
+//! thread that group-commits: the writes queued while it was busy share one transaction, each in
+//! its own savepoint, and one fsync (see `sqlite/writer.rs`). A write returns `Ok` only once that
+//! transaction has committed; a failed write is rolled back alone. Reads run inline on a small
+//! pool of reader connections.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use async_trait::async_trait;
 use coffer_core::crypto::SealedValue;
@@ -12,10 +15,11 @@ use coffer_core::model::{
     Deletion, PropertiesPatch, RetentionPolicy, Tags, Timestamp, VersionAttributes, VersionProperties,
 };
 use coffer_core::names::{SecretName, VaultName};
-use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
 mod directory;
 mod events;
+mod writer;
 
 use crate::{DeletedSecret, Result, SecretSummary, Store, StoreError, StoredVersion, VaultRecord};
 
@@ -67,11 +71,7 @@ CREATE INDEX versions_by_secret ON versions (secret_id, seq);
 "#;
 
 pub struct SqliteStore {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    writer: Mutex<Connection>,
+    writer: writer::Writer,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
 }
@@ -99,9 +99,7 @@ impl SqliteStore {
                 Ok(Mutex::new(conn))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            inner: Arc::new(Inner { writer: Mutex::new(writer), readers, next_reader: AtomicUsize::new(0) }),
-        })
+        Ok(Self { writer: writer::Writer::start(writer)?, readers, next_reader: AtomicUsize::new(0) })
     }
 
     /// Runs a read on a free reader connection, inline on the calling task: reads are short
@@ -111,8 +109,8 @@ impl SqliteStore {
     where
         F: FnOnce(&Connection) -> Result<R>,
     {
-        let readers = &self.inner.readers;
-        let start = self.inner.next_reader.fetch_add(1, Ordering::Relaxed);
+        let readers = &self.readers;
+        let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
         for i in 0..readers.len() {
             if let Ok(conn) = readers[(start + i) % readers.len()].try_lock() {
                 return f(&conn);
@@ -128,22 +126,17 @@ impl SqliteStore {
         self.write(move |tx| Ok(tx.execute(&sql, params![id])? > 0)).await
     }
 
-    /// Runs `f` in an IMMEDIATE transaction on the writer; commits only if `f` succeeds.
+    /// Runs `f` on the writer, atomically: its changes are committed (possibly in one
+    /// transaction with other writes) if it returns `Ok`, rolled back if it fails or panics, and
+    /// this returns only after the commit. `f` must not end the transaction itself (no `COMMIT`,
+    /// `ROLLBACK` or `RELEASE` in its SQL) nor defer a constraint to the COMMIT: either would
+    /// fail the other writes of its batch.
     async fn write<R, F>(&self, f: F) -> Result<R>
     where
         R: Send + 'static,
         F: FnOnce(&Transaction<'_>) -> Result<R> + Send + 'static,
     {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = inner.writer.lock().map_err(backend)?;
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let out = f(&tx)?;
-            tx.commit()?;
-            Ok(out)
-        })
-        .await
-        .map_err(backend)?
+        self.writer.write(f).await
     }
 }
 

@@ -150,3 +150,304 @@ async fn reopening_keeps_data_and_vault_names_are_unique() {
     assert_eq!(store.version(&vault, "api", None).await.unwrap().unwrap().sealed, sealed(9));
     assert_eq!(store.wrapped_keys().await.unwrap().len(), 1);
 }
+
+mod group_commit {
+    use std::future::Future;
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::task::JoinHandle;
+
+    use super::*;
+
+    fn batches(store: &SqliteStore) -> usize {
+        store.writer.stats.batches.load(SeqCst)
+    }
+
+    fn queued(store: &SqliteStore) -> usize {
+        store.writer.stats.queued.load(SeqCst)
+    }
+
+    async fn wait_queued(store: &SqliteStore, n: usize) {
+        while queued(store) < n {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Occupies the writer thread inside a batch until the returned sender is used or dropped,
+    /// so that the writes issued meanwhile queue up and are then committed as one batch.
+    async fn hold_writer(store: &Arc<SqliteStore>) -> (std::sync::mpsc::Sender<()>, JoinHandle<Result<()>>) {
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let (entered, inside) = tokio::sync::oneshot::channel();
+        let (s, before) = (store.clone(), queued(store));
+        let held = tokio::spawn(async move {
+            s.write(move |_| {
+                let _ = entered.send(());
+                let _ = gate.recv();
+                Ok(())
+            })
+            .await
+        });
+        inside.await.unwrap();
+        // The count is bumped after the hand-over, possibly after the writer took the job.
+        wait_queued(store, before + 1).await;
+        (release, held)
+    }
+
+    /// Spawns a write and waits until it is in the writer's queue, so queue order is call order.
+    async fn queue<T, Fut>(
+        store: &Arc<SqliteStore>,
+        write: impl FnOnce(Arc<SqliteStore>) -> Fut,
+    ) -> JoinHandle<T>
+    where
+        T: Send + 'static,
+        Fut: Future<Output = T> + Send + 'static,
+    {
+        let before = queued(store);
+        let handle = tokio::spawn(write(store.clone()));
+        wait_queued(store, before + 1).await;
+        handle
+    }
+
+    async fn add(
+        store: &Arc<SqliteStore>,
+        vault: &str,
+        name: &str,
+        version: &str,
+        marker: u8,
+    ) -> JoinHandle<Result<()>> {
+        let (vault, name, version) = (vault.to_owned(), SecretName::parse(name).unwrap(), version.to_owned());
+        queue(store, move |s| async move {
+            s.add_version(&vault, &name, &props(&version, 1), &sealed(marker)).await
+        })
+        .await
+    }
+
+    fn versions_of(versions: &[StoredVersion]) -> Vec<(&str, SealedValue)> {
+        versions.iter().map(|v| (v.props.version.as_str(), v.sealed.clone())).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writes_all_commit_and_are_readable() {
+        let (_d, store, vault) = store_with_vault().await;
+        let store = Arc::new(store);
+        let before = batches(&store);
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let (store, vault) = (store.clone(), vault.clone());
+                tokio::spawn(async move {
+                    // Ten names, so that concurrent writes create and extend the same secrets.
+                    let name = SecretName::parse(&format!("s{}", i % 10)).unwrap();
+                    store.add_version(&vault, &name, &props(&format!("v{i}"), i), &sealed(i as u8)).await
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        for n in 0..10 {
+            let all = store.all_versions(&vault, &format!("s{n}")).await.unwrap();
+            let mut got: Vec<_> = all.iter().map(|v| (v.props.version.clone(), v.sealed.clone())).collect();
+            got.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut want: Vec<_> =
+                (0..200).filter(|i| i % 10 == n).map(|i| (format!("v{i}"), sealed(i as u8))).collect();
+            want.sort_by(|a, b| a.0.cmp(&b.0));
+            assert_eq!(got, want);
+        }
+        let used = batches(&store) - before;
+        assert!((1..=200).contains(&used), "{used} batches");
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_capped_and_whatever_queued_while_the_writer_was_busy() {
+        let (_d, store, vault) = store_with_vault().await;
+        let store = Arc::new(store);
+        let before = batches(&store);
+        let (release, held) = hold_writer(&store).await;
+        let base = queued(&store);
+        let tasks: Vec<_> = (0..300)
+            .map(|i| {
+                let (store, vault) = (store.clone(), vault.clone());
+                tokio::spawn(async move {
+                    let name = SecretName::parse(&format!("s{i}")).unwrap();
+                    store.add_version(&vault, &name, &props("v", i), &sealed(1)).await
+                })
+            })
+            .collect();
+        wait_queued(&store, base + 300).await;
+        release.send(()).unwrap();
+        held.await.unwrap().unwrap();
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        // The held batch, then 256 + 44.
+        assert_eq!(batches(&store) - before, 3);
+        assert_eq!(store.list_secrets(&vault, None, 1000).await.unwrap().len(), 300);
+    }
+
+    #[tokio::test]
+    async fn failed_writes_in_a_batch_leave_no_trace_and_the_others_commit() {
+        let (_d, store, vault) = store_with_vault().await;
+        let store = Arc::new(store);
+        let gone = SecretName::parse("gone").unwrap();
+        store.add_version(&vault, &gone, &props("g", 1), &sealed(7)).await.unwrap();
+        store.delete_secret(&vault, "gone", Deletion { deleted_at: 5, scheduled_purge: 50 }).await.unwrap();
+        let taken = SecretName::parse("taken").unwrap();
+        store.add_version(&vault, &taken, &props("t", 1), &sealed(8)).await.unwrap();
+
+        let before = batches(&store);
+        let (release, held) = hold_writer(&store).await;
+        let fresh_a = add(&store, &vault, "fresh-1", "a", 1).await;
+        let on_deleted = add(&store, &vault, "gone", "b", 2).await;
+        let fresh_2 = add(&store, &vault, "fresh-2", "a", 3).await;
+        // Same version id as the first write of this batch: the insert hits UNIQUE after that
+        // write created the secret, and rolling back must keep the first write intact.
+        let duplicate = add(&store, &vault, "fresh-1", "a", 4).await;
+        let fails_late = queue(&store, |s| async move {
+            s.write(|tx| {
+                tx.execute("INSERT INTO meta (key, value) VALUES ('partial', x'01')", [])?;
+                Err::<(), _>(StoreError::Backend("deliberate".into()))
+            })
+            .await
+        })
+        .await;
+        let panics = queue(&store, |s| async move {
+            s.write(|tx| -> Result<()> {
+                tx.execute("INSERT INTO meta (key, value) VALUES ('panicked', x'01')", [])?;
+                panic!("deliberate panic in a store write");
+            })
+            .await
+        })
+        .await;
+        let restore_taken = queue(&store, |s| {
+            let (vault, taken) = (vault.clone(), taken.clone());
+            async move { s.restore(&vault, &taken, vec![(props("r", 2), sealed(9))]).await }
+        })
+        .await;
+        let fresh_b = add(&store, &vault, "fresh-1", "b", 5).await;
+        let meta_after = queue(&store, |s| async move { s.put_meta("after", vec![1]).await }).await;
+        release.send(()).unwrap();
+        held.await.unwrap().unwrap();
+
+        fresh_a.await.unwrap().unwrap();
+        assert!(matches!(on_deleted.await.unwrap(), Err(StoreError::NameDeleted)));
+        fresh_2.await.unwrap().unwrap();
+        assert!(matches!(duplicate.await.unwrap(), Err(StoreError::Backend(_))));
+        assert!(matches!(fails_late.await.unwrap(), Err(StoreError::Backend(e)) if e == "deliberate"));
+        assert!(matches!(panics.await.unwrap(), Err(StoreError::Backend(_))));
+        assert!(matches!(restore_taken.await.unwrap(), Err(StoreError::NameExists)));
+        fresh_b.await.unwrap().unwrap();
+        meta_after.await.unwrap().unwrap();
+        assert_eq!(batches(&store) - before, 2, "the held batch, then all nine writes in one");
+
+        assert_eq!(
+            versions_of(&store.all_versions(&vault, "fresh-1").await.unwrap()),
+            [("a", sealed(1)), ("b", sealed(5))]
+        );
+        assert_eq!(versions_of(&store.all_versions(&vault, "fresh-2").await.unwrap()), [("a", sealed(3))]);
+        assert_eq!(versions_of(&store.all_versions(&vault, "taken").await.unwrap()), [("t", sealed(8))]);
+        let still_gone = store.deleted_secret(&vault, "gone").await.unwrap().unwrap();
+        assert_eq!(still_gone.latest.version, "g");
+        assert_eq!(store.meta("partial").await.unwrap(), None);
+        assert_eq!(store.meta("panicked").await.unwrap(), None);
+        assert_eq!(store.meta("after").await.unwrap(), Some(vec![1]));
+
+        // The panic did not wedge the writer.
+        store.put_meta("later", vec![2]).await.unwrap();
+        assert_eq!(store.meta("later").await.unwrap(), Some(vec![2]));
+    }
+
+    async fn put(store: &Arc<SqliteStore>, key: &'static str) -> JoinHandle<Result<()>> {
+        queue(store, move |s| async move { s.put_meta(key, vec![1]).await }).await
+    }
+
+    #[tokio::test]
+    async fn when_a_batch_cannot_commit_no_write_of_it_is_acknowledged() {
+        let (_d, store, _vault) = store_with_vault().await;
+        let store = Arc::new(store);
+
+        // A deferred foreign-key violation passes every statement and fails the COMMIT.
+        let (release, held) = hold_writer(&store).await;
+        let first = put(&store, "first").await;
+        let poison = queue(&store, |s| async move {
+            s.write(|tx| {
+                tx.execute_batch("PRAGMA defer_foreign_keys = ON")?;
+                tx.execute(
+                    "INSERT INTO versions (secret_id, version, enabled, created, updated, tags, wrapped_dek, ciphertext)
+                     VALUES (424242, 'orphan', 1, 1, 1, '{}', x'00', x'00')",
+                    [],
+                )?;
+                Ok(())
+            })
+            .await
+        })
+        .await;
+        let last = put(&store, "last").await;
+        release.send(()).unwrap();
+        held.await.unwrap().unwrap();
+        for write in [first, poison, last] {
+            assert!(matches!(write.await.unwrap(), Err(StoreError::Backend(_))));
+        }
+
+        // A write that ends the transaction itself (as SQLite does on I/O errors) loses the
+        // earlier writes of the batch; the later ones are not run.
+        let (release, held) = hold_writer(&store).await;
+        let before = put(&store, "before").await;
+        let rollback =
+            queue(&store, |s| async move { s.write(|tx| Ok(tx.execute_batch("ROLLBACK")?)).await }).await;
+        let after = put(&store, "after").await;
+        release.send(()).unwrap();
+        held.await.unwrap().unwrap();
+        for write in [before, rollback, after] {
+            assert!(matches!(write.await.unwrap(), Err(StoreError::Backend(_))));
+        }
+
+        for key in ["first", "last", "before", "after"] {
+            assert_eq!(store.meta(key).await.unwrap(), None, "{key}");
+        }
+        let orphans: i64 = store
+            .read(|c| {
+                Ok(c.query_row("SELECT COUNT(*) FROM versions WHERE version = 'orphan'", [], |r| r.get(0))?)
+            })
+            .await
+            .unwrap();
+        assert_eq!(orphans, 0);
+        // The writer carries on.
+        store.put_meta("later", vec![2]).await.unwrap();
+        assert_eq!(store.meta("later").await.unwrap(), Some(vec![2]));
+    }
+
+    #[tokio::test]
+    async fn dropping_the_store_finishes_queued_writes_and_closes_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("coffer.db");
+        let wal = dir.path().join("coffer.db-wal");
+        for round in 0..3u8 {
+            let store = SqliteStore::open(&path).unwrap();
+            store.put_meta("round", vec![round]).await.unwrap();
+            // A write whose caller stops waiting still runs, as it did on the blocking pool.
+            let (entered, inside) = tokio::sync::oneshot::channel();
+            let abandoned = store.write(move |tx| {
+                let _ = entered.send(());
+                std::thread::sleep(Duration::from_millis(100));
+                tx.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('abandoned', ?1)",
+                    [vec![round]],
+                )?;
+                Ok(())
+            });
+            tokio::select! {
+                _ = abandoned => panic!("the write cannot finish before it has started"),
+                _ = inside => {}
+            }
+            // Inside a (single-threaded) runtime: drop waits for the writer thread to finish the
+            // write and close its connection; the last connection to close removes the WAL.
+            drop(store);
+            assert!(!wal.exists(), "round {round}: a connection is still open");
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.meta("round").await.unwrap(), Some(vec![2]));
+        assert_eq!(store.meta("abandoned").await.unwrap(), Some(vec![2]));
+    }
+}
