@@ -1,7 +1,12 @@
-//! The SQLite index: one row per record (indexed columns and the stored line) and the signed
-//! head (`meta.head`), written in the same transaction as the rows of each group commit.
+//! The SQLite index: one row per record (indexed columns and where its line is in the files)
+//! and the signed head (`meta.head`), written by the index thread (`indexer`) in one transaction
+//! per commit. Queries find records here and read their lines from the files.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::types::Value as SqlValue;
@@ -9,7 +14,9 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use crate::canon::unix_us;
 use crate::event::Cols;
+use crate::files::{list_rotated, ACTIVE};
 use crate::{AuditError, AuditPage, AuditQuery};
+use serde_json::Value;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS records (
@@ -21,7 +28,14 @@ CREATE TABLE IF NOT EXISTS records (
     secret TEXT,
     operation TEXT NOT NULL,
     result TEXT NOT NULL,
-    line TEXT NOT NULL
+    -- The record's line: bytes [file_offset, file_offset + line_len) of the file holding its
+    -- seq (a rotated file whose name covers it, else audit.jsonl). Rotation renames files
+    -- without rewriting them, so offsets stay valid.
+    file_offset INTEGER NOT NULL,
+    line_len INTEGER NOT NULL,
+    -- The record's SHA-256 (its `hash` field): a second copy, so `verify` can name the first
+    -- record of a re-hashed (forged) stretch of the chain.
+    hash BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS records_time ON records (time_us, seq);
 CREATE INDEX IF NOT EXISTS records_principal_id ON records (principal_id, time_us, seq);
@@ -31,8 +45,12 @@ CREATE INDEX IF NOT EXISTS records_secret ON records (secret, time_us, seq);
 CREATE INDEX IF NOT EXISTS records_operation ON records (operation, time_us, seq);
 CREATE INDEX IF NOT EXISTS records_result ON records (result, time_us, seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;
 "#;
+
+/// Version 1 kept a copy of each line in the row; its rows are dropped (and rebuilt from the
+/// files by open) while the signed head in `meta` is kept.
+const DROP_V1_ROWS: &str = "DROP TABLE IF EXISTS records;";
 
 pub(crate) const MAX_LIMIT: usize = 1000;
 
@@ -43,7 +61,10 @@ fn db(e: rusqlite::Error) -> AuditError {
 pub(crate) struct IndexRow {
     pub seq: u64,
     pub cols: Cols,
-    pub line: String,
+    /// Where the line is in its file (without the newline).
+    pub offset: u64,
+    pub len: u32,
+    pub hash: [u8; 32],
 }
 
 pub(crate) struct Index {
@@ -67,6 +88,10 @@ impl Index {
         // head may lag the file; open() then adopts the records after it with a noted
         // checkpoint (see README: tail-truncation evidence is as strong as the last durable head).
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(db)?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(db)?;
+        if version == 1 {
+            conn.execute_batch(DROP_V1_ROWS).map_err(db)?;
+        }
         conn.execute_batch(SCHEMA).map_err(db)?;
         Ok(Self { conn })
     }
@@ -79,14 +104,6 @@ impl Index {
         let max: Option<i64> =
             self.conn.query_row("SELECT MAX(seq) FROM records", [], |r| r.get(0)).map_err(db)?;
         Ok(max.map(|m| m as u64))
-    }
-
-    /// Newest record time of `seq` (for retention), if indexed.
-    pub fn time_of(&self, seq: u64) -> Result<Option<i64>, AuditError> {
-        self.conn
-            .query_row("SELECT time_us FROM records WHERE seq = ?1", [seq as i64], |r| r.get(0))
-            .optional()
-            .map_err(db)
     }
 
     /// Inserts rows (ignoring seqs already present), deletes rows `<= delete_through` and sets
@@ -102,7 +119,7 @@ impl Index {
             let mut insert = tx
                 .prepare_cached(
                     "INSERT OR IGNORE INTO records (seq, time_us, principal_id, principal_name, vault, secret, \
-                     operation, result, line) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                     operation, result, file_offset, line_len, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 )
                 .map_err(db)?;
             for row in rows {
@@ -117,7 +134,9 @@ impl Index {
                         c.secret,
                         c.operation,
                         c.result,
-                        row.line
+                        row.offset as i64,
+                        row.len,
+                        &row.hash[..]
                     ])
                     .map_err(db)?;
             }
@@ -130,6 +149,13 @@ impl Index {
         }
         tx.commit().map_err(db)
     }
+}
+
+/// The time of record `seq` (for retention), if indexed.
+pub(crate) fn time_of(conn: &Connection, seq: u64) -> Result<Option<i64>, AuditError> {
+    conn.query_row("SELECT time_us FROM records WHERE seq = ?1", [seq as i64], |r| r.get(0))
+        .optional()
+        .map_err(db)
 }
 
 pub(crate) fn read_head(conn: &Connection) -> rusqlite::Result<Option<String>> {
@@ -203,12 +229,15 @@ pub(crate) fn query_sql(
     }
     let filter = if conds.is_empty() { String::new() } else { format!(" WHERE {}", conds.join(" AND ")) };
     args.push(SqlValue::Integer(limit as i64 + 1));
-    let sql =
-        format!("SELECT time_us, seq, line FROM records{filter} ORDER BY time_us, seq LIMIT ?{}", args.len());
+    let sql = format!(
+        "SELECT time_us, seq, file_offset, line_len FROM records{filter} ORDER BY time_us, seq LIMIT ?{}",
+        args.len()
+    );
     (sql, args, limit)
 }
 
-pub(crate) fn query(conn: &Connection, q: &AuditQuery) -> Result<AuditPage, AuditError> {
+/// Runs `q` on the index and reads the matching lines from the files in `dir`.
+pub(crate) fn query(conn: &Connection, dir: &Path, q: &AuditQuery) -> Result<AuditPage, AuditError> {
     let err = |e: rusqlite::Error| AuditError::Query(e.to_string());
     let cursor_time = match q.after {
         Some(after) => conn
@@ -222,34 +251,94 @@ pub(crate) fn query(conn: &Connection, q: &AuditQuery) -> Result<AuditPage, Audi
         None => None,
     };
     let columns: &[&str] = if q.principal.is_some() { &["principal_id", "principal_name"] } else { &["-"] };
-    let mut rows: Vec<(i64, i64, String)> = Vec::new();
+    let mut rows: Vec<(i64, i64, i64, u32)> = Vec::new();
     let mut limit = 0;
     for column in columns {
         let (sql, args, l) = query_sql(q, cursor_time, column);
         limit = l;
         let mut stmt = conn.prepare_cached(&sql).map_err(err)?;
         let found = stmt
-            .query_map(rusqlite::params_from_iter(args), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .query_map(rusqlite::params_from_iter(args), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
             .map_err(err)?;
         for row in found {
             rows.push(row.map_err(err)?);
         }
     }
     if columns.len() > 1 {
-        rows.sort_by_key(|(t, seq, _)| (*t, *seq));
-        rows.dedup_by_key(|(_, seq, _)| *seq);
+        rows.sort_by_key(|(t, seq, _, _)| (*t, *seq));
+        rows.dedup_by_key(|(_, seq, _, _)| *seq);
     }
     let more = rows.len() > limit;
     rows.truncate(limit);
-    let next = if more { rows.last().map(|(_, seq, _)| *seq as u64) } else { None };
+    let next = if more { rows.last().map(|(_, seq, _, _)| *seq as u64) } else { None };
+    let mut lines = LineReader::new(dir);
     let mut records = Vec::with_capacity(rows.len());
-    for (_, seq, line) in rows {
-        records.push(
-            serde_json::from_str(&line)
-                .map_err(|_| AuditError::Query(format!("index row {seq} is not valid JSON")))?,
-        );
+    for (_, seq, offset, len) in rows {
+        records.push(lines.read(seq as u64, offset as u64, len)?);
     }
     Ok(AuditPage { records, next })
+}
+
+/// Reads records' lines from the files, by (seq, offset, length) from the index.
+struct LineReader<'a> {
+    dir: &'a Path,
+    /// Rotated files (first seq, last seq, path), listed on first need.
+    rotated: Option<Vec<(u64, u64, PathBuf)>>,
+    open: HashMap<PathBuf, File>,
+}
+
+impl<'a> LineReader<'a> {
+    fn new(dir: &'a Path) -> Self {
+        Self { dir, rotated: None, open: HashMap::new() }
+    }
+
+    fn path_of(&mut self, seq: u64) -> Result<PathBuf, AuditError> {
+        if self.rotated.is_none() {
+            let listed = list_rotated(self.dir)
+                .map_err(|e| AuditError::Query(format!("list {}: {e}", self.dir.display())))?;
+            self.rotated = Some(listed);
+        }
+        let rotated = self.rotated.as_deref().unwrap_or_default();
+        Ok(match rotated.iter().find(|(first, last, _)| (*first..=*last).contains(&seq)) {
+            Some((_, _, path)) => path.clone(),
+            None => self.dir.join(ACTIVE),
+        })
+    }
+
+    fn try_read(&mut self, seq: u64, offset: u64, len: u32) -> Result<Option<Value>, AuditError> {
+        let path = self.path_of(seq)?;
+        if !self.open.contains_key(&path) {
+            match File::open(&path) {
+                Ok(f) => self.open.insert(path.clone(), f),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(AuditError::Query(format!("open {}: {e}", path.display()))),
+            };
+        }
+        let mut buf = vec![0; len as usize];
+        let read = self.open[&path].read_exact_at(&mut buf, offset);
+        if read.is_err() {
+            return Ok(None);
+        }
+        let value: Option<Value> = serde_json::from_slice(&buf).ok();
+        Ok(value.filter(|v| v.get("seq").and_then(Value::as_u64) == Some(seq)))
+    }
+
+    /// The record `seq`. A rotation between listing and reading moves the active file under a
+    /// rotated name, so a miss lists the directory again before giving up.
+    fn read(&mut self, seq: u64, offset: u64, len: u32) -> Result<Value, AuditError> {
+        if let Some(v) = self.try_read(seq, offset, len)? {
+            return Ok(v);
+        }
+        self.rotated = None;
+        self.open.clear();
+        self.try_read(seq, offset, len)?.ok_or_else(|| {
+            AuditError::Query(format!(
+                "the index points at record {seq} but the files no longer hold it there; run `coffer audit \
+                 verify` on {}",
+                self.dir.display()
+            ))
+        })
+    }
 }
 
 #[cfg(test)]
@@ -288,7 +377,9 @@ mod tests {
                     operation: ["secretget", "secretset", "secretlist"][seq as usize % 3].into(),
                     result: ["success", "denied", "failed"][seq as usize % 3].into(),
                 },
-                line: format!("{{\"seq\":{seq}}}"),
+                offset: 0,
+                len: 0,
+                hash: [0; 32],
             })
             .collect();
         index.commit(&rows, Some("{}"), None).unwrap();
@@ -345,8 +436,9 @@ mod tests {
             );
             assert!(plan.iter().any(|l| l.contains("USING INDEX")), "{name}: no index in plan: {text}");
             assert!(!text.contains("TEMP B-TREE"), "{name}: sorts in plan: {text}");
-            // And the query itself runs.
-            query(conn, &q).unwrap();
+            // And the statement itself runs (the lines are not in files here).
+            let (sql, args, _) = query_sql(&q, q.after.map(|a| 1_000_000 * a as i64), "principal_id");
+            conn.prepare(&sql).unwrap().query(rusqlite::params_from_iter(args)).unwrap().next().unwrap();
         }
         let principal_plan =
             plan_for(conn, &AuditQuery { principal: Some("x".into()), ..base }, "principal_name").join(" | ");

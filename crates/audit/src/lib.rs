@@ -17,6 +17,7 @@ mod canon;
 mod event;
 mod files;
 mod index;
+mod indexer;
 mod keys;
 mod verify;
 mod writer;
@@ -320,11 +321,13 @@ impl Counters {
 
 pub(crate) enum Msg {
     Record {
-        body: serde_json::Map<String, serde_json::Value>,
+        body: event::Encoded,
         cols: event::Cols,
         ack: oneshot::Sender<Result<u64, AuditError>>,
     },
     Checkpoint(oneshot::Sender<Result<(), AuditError>>),
+    /// Answered once the index holds every record acknowledged before.
+    SyncIndex(oneshot::Sender<Result<(), AuditError>>),
     Shutdown(oneshot::Sender<Result<(), AuditError>>),
 }
 
@@ -382,7 +385,8 @@ impl AuditLog {
         let key_id = signer.key_id.clone();
         let dir = config.dir.clone();
         let stats = Arc::new(Counters::default());
-        let writer = writer::Writer::open(config, signer, stats.clone())?;
+        let mut writer = writer::Writer::open(config, signer, stats.clone())?;
+        writer.start_indexer()?;
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("coffer-audit-writer".into())
@@ -406,7 +410,7 @@ impl AuditLog {
     /// JSONL file and the index. Concurrent calls are group-committed. `Err` means the record
     /// was not written: fail the request closed.
     pub async fn record(&self, event: AuditEvent) -> Result<u64, AuditError> {
-        let (body, cols) = event::to_body(&event)?;
+        let (body, cols) = event::encode(&event)?;
         let (ack, rx) = oneshot::channel();
         self.send(Msg::Record { body, cols, ack })?;
         rx.await.map_err(|_| AuditError::Closed)?
@@ -437,8 +441,16 @@ impl AuditLog {
         self.inner.stats.snapshot()
     }
 
-    /// Answers from the index (SQLite, indexed columns), never a scan of all records.
+    /// Answers from the index (SQLite, indexed columns), never a scan of all records, and reads
+    /// the matching lines from the files. Sees every record acknowledged before the call.
     pub async fn query(&self, q: AuditQuery) -> Result<AuditPage, AuditError> {
+        let (ack, synced) = oneshot::channel();
+        // After shutdown the index is complete; a closed writer is not an error here.
+        if self.send(Msg::SyncIndex(ack)).is_ok() {
+            if let Ok(Err(e)) = synced.await {
+                return Err(AuditError::Query(format!("the index is not up to date: {e}")));
+            }
+        }
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let conn = match inner
@@ -450,7 +462,7 @@ impl AuditLog {
                 Some(conn) => conn,
                 None => index::open_reader(&inner.dir.join(files::INDEX))?,
             };
-            let result = index::query(&conn, &q);
+            let result = index::query(&conn, &inner.dir, &q);
             if let Ok(mut pool) = inner.readers.lock() {
                 if pool.len() < 4 {
                     pool.push(conn);

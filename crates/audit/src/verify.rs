@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use serde::Serialize;
 
+use crate::canon::{is_lower_hex, unseal};
 use crate::files::{
     list_rotated, parse_lines, parse_rotated_name, parse_signed_bytes, Entry, Kind, Parsed, Rec, Signed,
     ACTIVE, INDEX,
@@ -751,17 +752,18 @@ impl Walker {
         }
     }
 
-    /// With the index (a second copy of every record line), names the first record since the
-    /// previous checkpoint whose line differs from its copy.
+    /// With the index (a second copy of every record's hash), names the first record since the
+    /// previous checkpoint whose hash differs from its copy.
     fn locate(&self, records: &[(u64, u64, String)]) -> Option<(u64, u64)> {
         let conn = self.index.as_ref()?;
         for (seq, line, text) in records {
-            let copy: Option<String> = conn
-                .query_row("SELECT line FROM records WHERE seq = ?1", [*seq as i64], |r| r.get(0))
+            let copy: Option<Vec<u8>> = conn
+                .query_row("SELECT hash FROM records WHERE seq = ?1", [*seq as i64], |r| r.get(0))
                 .optional()
                 .ok()
                 .flatten();
-            if copy.as_deref() != Some(text.as_str()) {
+            let stored = unseal(text.as_bytes(), "hash", is_lower_hex).and_then(|(_, h)| hex::decode(h).ok());
+            if copy.is_none() || copy != stored {
                 return Some((*seq, *line));
             }
         }

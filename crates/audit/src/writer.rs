@@ -1,25 +1,28 @@
-//! The writer thread: resumes the chain on open, then group-commits records (one write, one
-//! fsync, one index transaction per batch), writes checkpoints, rotates and prunes files.
+//! The writer thread: resumes the chain on open, then group-commits records (one write and one
+//! fsync per batch; their index rows go to the index thread), writes checkpoints, rotates and
+//! prunes files.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{json, Map, Value};
 use tokio::sync::oneshot;
 
-use crate::canon::{canonical, parse_rfc3339_us, seal, sha256_hex, unix_us, GENESIS_HASH};
-use crate::event::{self, now_rfc3339};
+use crate::canon::{canonical, parse_rfc3339_us, seal, unix_us, GENESIS_HASH};
+use crate::event::{self, now_rfc3339, Encoded};
 use crate::files::{
     list_rotated, parse_lines, parse_signed_bytes, rotated_name, Entry, Kind, Signed, ACTIVE, ACTIVE_TMP,
     INDEX, LOCK,
 };
-use crate::index::{Index, IndexRow};
+use crate::index::{self, Index, IndexRow};
+use crate::indexer::{self, head_line, HeadState, IndexMsg};
 use crate::keys::{Signer, Verifier};
 use crate::{AuditConfig, AuditError, Counters, Msg};
 
@@ -29,7 +32,7 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 const ROTATE_RETRY: Duration = Duration::from_secs(5);
 
 type Ack = oneshot::Sender<Result<u64, AuditError>>;
-type Pending = (Map<String, Value>, event::Cols);
+type Pending = (Encoded, event::Cols);
 
 /// When a batch writes a checkpoint.
 enum CpWant {
@@ -51,8 +54,11 @@ pub(crate) struct Writer {
     checkpoint_every: u64,
     checkpoint_interval: Duration,
     max_batch: usize,
-    signer: Signer,
-    index: Index,
+    signer: Arc<Signer>,
+    /// The index while opening; then owned by the index thread, fed through `to_index`.
+    index: Option<Index>,
+    to_index: Option<Sender<IndexMsg>>,
+    indexer: Option<JoinHandle<()>>,
     stats: Arc<Counters>,
     _lock: File,
 
@@ -276,8 +282,9 @@ fn rows_from(bytes: &[u8], above: u64) -> Vec<IndexRow> {
             if r.seq > above && r.hash_ok() {
                 let line = &bytes[e.start..e.end];
                 let cols = serde_json::from_slice::<Value>(line).ok().as_ref().and_then(event::cols);
-                if let (Some(cols), Ok(line)) = (cols, std::str::from_utf8(line)) {
-                    rows.push(IndexRow { seq: r.seq, cols, line: line.to_string() });
+                let hash = hex::decode(&r.hash).ok().and_then(|h| <[u8; 32]>::try_from(h).ok());
+                if let (Some(cols), Ok(len), Some(hash)) = (cols, u32::try_from(line.len()), hash) {
+                    rows.push(IndexRow { seq: r.seq, cols, offset: e.start as u64, len, hash });
                 }
             }
         }
@@ -316,8 +323,10 @@ impl Writer {
             checkpoint_every: cfg.checkpoint_every,
             checkpoint_interval: cfg.checkpoint_interval,
             max_batch: cfg.max_batch,
-            signer,
-            index,
+            signer: Arc::new(signer),
+            index: Some(index),
+            to_index: None,
+            indexer: None,
             stats,
             _lock: lock,
             // A placeholder handle: `resume` always installs the active file.
@@ -352,7 +361,7 @@ impl Writer {
 
     fn resume(&mut self, recover: bool) -> Result<(), AuditError> {
         let active = self.dir.join(ACTIVE);
-        let head = match self.index.head()? {
+        let head = match self.index_mut().head()? {
             None => None,
             Some(line) => match parse_signed_bytes(line.as_bytes(), "head") {
                 Ok(h) => Some(h),
@@ -534,8 +543,22 @@ impl Writer {
     fn start_fresh(&mut self) -> Result<(), AuditError> {
         let line = self.checkpoint_line(0, 0, GENESIS_HASH, 0, Map::new());
         self.install_active(&line)?;
-        let head = self.head_line();
-        self.index.commit(&[], Some(&head), None)
+        let head = head_line(&self.signer, &self.head_state());
+        self.index_mut().commit(&[], Some(&head), None)
+    }
+
+    /// The index while opening (before the index thread takes it).
+    fn index_mut(&mut self) -> &mut Index {
+        self.index.as_mut().expect("the index is used directly only while opening")
+    }
+
+    fn head_state(&self) -> HeadState {
+        HeadState {
+            n: self.cp_n,
+            seq: self.last_seq,
+            hash: self.last_hash.clone(),
+            pruned_through: self.pruned_through,
+        }
     }
 
     /// Writes a new active file holding `anchor` (via the temporary name) and makes it current.
@@ -648,7 +671,7 @@ impl Writer {
     /// Adds index rows for records in the files that the index does not have (a crash before
     /// the index commit, or a rebuilt index) and writes the head, in one transaction.
     fn reindex(&mut self, rotated: &[(u64, u64, PathBuf)]) -> Result<(), AuditError> {
-        let above = self.index.max_seq()?.unwrap_or(0).max(self.pruned_through);
+        let above = self.index_mut().max_seq()?.unwrap_or(0).max(self.pruned_through);
         let mut rows = Vec::new();
         if above < self.last_seq {
             for (_, last, path) in rotated {
@@ -664,8 +687,8 @@ impl Writer {
                 tracing::info!(rows = rows.len(), "audit: index rows rebuilt from the files");
             }
         }
-        let head = self.head_line();
-        self.index.commit(&rows, Some(&head), None)
+        let head = head_line(&self.signer, &self.head_state());
+        self.index_mut().commit(&rows, Some(&head), None)
     }
 
     fn checkpoint_line(
@@ -686,20 +709,6 @@ impl Writer {
         let body = canonical(&Value::Object(extra));
         let sig = self.signer.sign(&body);
         seal(body, "signature", &sig)
-    }
-
-    fn head_line(&self) -> String {
-        let body = canonical(&json!({
-            "type": "head",
-            "n": self.cp_n,
-            "seq": self.last_seq,
-            "hash": self.last_hash,
-            "time": now_rfc3339(),
-            "keyId": self.signer.key_id,
-            "prunedThrough": self.pruned_through,
-        }));
-        let sig = self.signer.sign(&body);
-        String::from_utf8(seal(body, "signature", &sig)).expect("JSON is UTF-8")
     }
 
     fn rollback(&mut self, len: u64) {
@@ -726,9 +735,10 @@ impl Writer {
         Ok(())
     }
 
-    /// One group commit: appends the records (and a checkpoint if due) in one write, fsyncs,
-    /// commits the index rows and the new head in one transaction. On any failure the file is
-    /// cut back and nothing is acknowledged. Returns the first seq and the checkpoint line.
+    /// One group commit: appends the records (and a checkpoint if due) in one write and fsyncs;
+    /// then hands their index rows and the new head to the index thread (while opening: commits
+    /// them directly, in one transaction). On a write or fsync failure the file is cut back and
+    /// nothing is acknowledged. Returns the first seq and the checkpoint line.
     fn write_batch(
         &mut self,
         bodies: Vec<Pending>,
@@ -740,19 +750,23 @@ impl Writer {
         let first = self.last_seq + 1;
         let mut seq = self.last_seq;
         let mut hash = self.last_hash.clone();
-        let mut buf = Vec::with_capacity(bodies.len() * 768);
+        let mut buf = Vec::with_capacity(bodies.iter().map(|(b, _)| b.len() + 200).sum());
         let mut rows = Vec::with_capacity(bodies.len());
-        for (mut body, cols) in bodies {
+        for (body, cols) in bodies {
             seq += 1;
-            body.insert("seq".into(), json!(seq));
-            body.insert("prevHash".into(), json!(hash));
-            let value = Value::Object(body);
-            let canon = canonical(&value);
-            hash = sha256_hex(&canon);
-            let line = seal(canon, "hash", &hash);
-            buf.extend_from_slice(&line);
+            let start = buf.len();
+            body.write_body(seq, &hash, &mut buf);
+            let digest = ring::digest::digest(&ring::digest::SHA256, &buf[start..]);
+            let digest: [u8; 32] = digest.as_ref().try_into().expect("SHA-256 is 32 bytes");
+            hash = hex::encode(digest);
+            // Seal: the body's closing brace becomes `,"hash":"<hex>"}`.
+            buf.pop();
+            buf.extend_from_slice(b",\"hash\":\"");
+            buf.extend_from_slice(hash.as_bytes());
+            buf.extend_from_slice(b"\"}");
+            let len = u32::try_from(buf.len() - start).expect("a record line is far below 4 GiB");
+            rows.push(IndexRow { seq, cols, offset: start_len + start as u64, len, hash: digest });
             buf.push(b'\n');
-            rows.push(IndexRow { seq, cols, line: String::from_utf8(line).expect("JSON is UTF-8") });
         }
         let since_cp = seq - self.cp_seq;
         let pruned = prune_through.unwrap_or(self.pruned_through).max(self.pruned_through);
@@ -788,15 +802,26 @@ impl Writer {
         self.last_seq = seq;
         self.last_hash = hash;
         self.pruned_through = pruned;
-        let head = self.head_line();
-        if let Err(e) = self.index.commit(&rows, Some(&head), prune_through) {
-            (self.cp_n, self.last_seq, self.last_hash, self.pruned_through) =
-                (old_n, old_seq, old_hash, old_pruned);
-            self.rollback(start_len);
-            return Err(e);
+        let record_count = rows.len() as u64;
+        let has_records = !rows.is_empty();
+        if self.index.is_some() {
+            // Opening: no index thread yet, and open must leave the index complete.
+            let head = head_line(&self.signer, &self.head_state());
+            if let Err(e) = self.index_mut().commit(&rows, Some(&head), prune_through) {
+                (self.cp_n, self.last_seq, self.last_hash, self.pruned_through) =
+                    (old_n, old_seq, old_hash, old_pruned);
+                self.rollback(start_len);
+                return Err(e);
+            }
+        } else if let Some(tx) = &self.to_index {
+            let head = self.head_state();
+            // The records are durable in the file; the index is rebuilt from it if this fails.
+            if tx.send(IndexMsg::Rows { rows, head, delete_through: prune_through }).is_err() {
+                tracing::error!("audit: the index thread has stopped; queries will miss new records");
+            }
         }
         self.len = start_len + buf.len() as u64;
-        if !rows.is_empty() && self.file_first.is_none() {
+        if has_records && self.file_first.is_none() {
             self.file_first = Some(first);
         }
         if let Some(cp) = &cp {
@@ -804,11 +829,11 @@ impl Writer {
             self.cp_at = Instant::now();
             self.tail_cp = Some(cp.clone());
             self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-        } else if !rows.is_empty() {
+        } else if has_records {
             self.tail_cp = None;
         }
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
-        self.stats.records.fetch_add(rows.len() as u64, Ordering::Relaxed);
+        self.stats.records.fetch_add(record_count, Ordering::Relaxed);
         if self.stdout {
             let mut out = io::stdout().lock();
             let _ = out.write_all(&buf).and_then(|()| out.flush());
@@ -822,6 +847,9 @@ impl Writer {
         let Some(first) = self.file_first else { return Ok(()) };
         // Never rename a file that still holds the bytes of a failed batch.
         self.repair()?;
+        // The signed head must reach this file's end before it is renamed: open() expects the
+        // head inside the active file (or at its opening checkpoint), never in a rotated one.
+        self.sync_index()?;
         // The file ends with a checkpoint covering its last record: the one just written, or a
         // new one.
         let mut line = match self.tail_cp.clone() {
@@ -862,12 +890,13 @@ impl Writer {
         let cutoff = unix_us(cutoff);
         let mut doomed = Vec::new();
         let mut through = self.pruned_through;
+        let reader = index::open_reader(&self.dir.join(INDEX))?;
         for (_, last, path) in list_rotated(&self.dir).map_err(|e| io_err("list", &self.dir, e))? {
             if last > self.last_seq {
                 break;
             }
             if last > self.pruned_through {
-                let newest = match self.index.time_of(last)? {
+                let newest = match index::time_of(&reader, last)? {
                     Some(t) => t,
                     None => fs::metadata(&path)
                         .and_then(|m| m.modified())
@@ -883,6 +912,8 @@ impl Writer {
         }
         if through > self.pruned_through {
             self.write_batch(Vec::new(), CpWant::Always(Map::new()), Some(through))?;
+            // No query may find an index row whose file is gone.
+            self.sync_index()?;
         }
         for path in &doomed {
             fs::remove_file(path).map_err(|e| io_err("remove", path, e))?;
@@ -941,11 +972,63 @@ impl Writer {
         at
     }
 
+    /// Starts the index thread, which takes over the index from here on.
+    pub(crate) fn start_indexer(&mut self) -> Result<(), AuditError> {
+        let Some(index) = self.index.take() else { return Ok(()) };
+        let (tx, rx) = mpsc::channel();
+        let signer = self.signer.clone();
+        let thread = std::thread::Builder::new()
+            .name("coffer-audit-index".into())
+            .spawn(move || indexer::run(index, signer, rx))
+            .map_err(|e| AuditError::Io(format!("cannot start the audit index thread: {e}")))?;
+        self.to_index = Some(tx);
+        self.indexer = Some(thread);
+        Ok(())
+    }
+
+    /// Waits until the index thread has committed everything sent so far.
+    fn sync_index(&self) -> Result<(), AuditError> {
+        let Some(tx) = &self.to_index else { return Ok(()) };
+        let (ack, done) = oneshot::channel();
+        tx.send(IndexMsg::Sync(ack))
+            .map_err(|_| AuditError::Unavailable("the audit index thread has stopped".into()))?;
+        done.blocking_recv()
+            .map_err(|_| AuditError::Unavailable("the audit index thread has stopped".into()))?
+    }
+
+    /// Commits everything to the index and ends the index thread.
+    fn stop_indexer(&mut self) {
+        if let Some(tx) = self.to_index.take() {
+            let _ = tx.send(IndexMsg::Stop);
+        }
+        if let Some(thread) = self.indexer.take() {
+            let _ = thread.join();
+        }
+    }
+
     pub(crate) fn run(mut self, rx: Receiver<Msg>) {
         type Waiter = oneshot::Sender<Result<(), AuditError>>;
-        fn take(msg: Msg, records: &mut Vec<(Pending, Ack)>, waiters: &mut Vec<Waiter>, stop: &mut bool) {
+        fn take(
+            msg: Msg,
+            records: &mut Vec<(Pending, Ack)>,
+            waiters: &mut Vec<Waiter>,
+            stop: &mut bool,
+            to_index: Option<&Sender<IndexMsg>>,
+        ) {
             match msg {
                 Msg::Record { body, cols, ack } => records.push(((body, cols), ack)),
+                // Forwarded in order: the index thread answers once it has committed the rows
+                // of every record acknowledged before.
+                Msg::SyncIndex(ack) => match to_index {
+                    Some(tx) => {
+                        if let Err(mpsc::SendError(IndexMsg::Sync(ack))) = tx.send(IndexMsg::Sync(ack)) {
+                            let _ = ack.send(Err(AuditError::Closed));
+                        }
+                    }
+                    None => {
+                        let _ = ack.send(Ok(()));
+                    }
+                },
                 Msg::Checkpoint(ack) => waiters.push(ack),
                 Msg::Shutdown(ack) => {
                     waiters.push(ack);
@@ -960,13 +1043,13 @@ impl Writer {
             let mut stop = false;
             let mut closed = false;
             match rx.recv_timeout(timeout) {
-                Ok(msg) => take(msg, &mut records, &mut waiters, &mut stop),
+                Ok(msg) => take(msg, &mut records, &mut waiters, &mut stop, self.to_index.as_ref()),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => closed = true,
             }
             while !closed && records.len() < self.max_batch {
                 match rx.try_recv() {
-                    Ok(msg) => take(msg, &mut records, &mut waiters, &mut stop),
+                    Ok(msg) => take(msg, &mut records, &mut waiters, &mut stop, self.to_index.as_ref()),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => closed = true,
                 }
@@ -986,11 +1069,19 @@ impl Writer {
                     let _ =
                         ack.send(result.as_ref().map(|(first, _)| first + i as u64).map_err(Clone::clone));
                 }
+                // A checkpoint request or shutdown returns once the head covers the checkpoint.
+                let mut result = result.map(|_| ());
+                if stop || closed {
+                    self.stop_indexer();
+                } else if !waiters.is_empty() && result.is_ok() {
+                    result = self.sync_index();
+                }
                 for ack in waiters {
-                    let _ = ack.send(result.as_ref().map(|_| ()).map_err(Clone::clone));
+                    let _ = ack.send(result.clone());
                 }
             }
             if stop || closed {
+                self.stop_indexer();
                 return;
             }
             self.maintenance();

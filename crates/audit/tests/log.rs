@@ -611,7 +611,8 @@ async fn no_credential_reaches_any_file_only_its_hmac() {
             hmac_seen += 1;
         }
     }
-    assert!(hmac_seen >= 2, "the hmac is in the JSONL file and the index");
+    // The index holds columns and file offsets, not lines: the hmac is in the JSONL file only.
+    assert!(hmac_seen >= 1, "the hmac is in the JSONL file");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,8 +31,9 @@ async fn fixture() -> Fixture {
     for i in 1..=38 {
         assert_eq!(log.record(event(i)).await.unwrap(), i);
     }
-    // Let the writer finish the rotation that may follow the last batch.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Let the writer finish the rotation that may follow the last batch, and the index thread
+    // commit the head (it trails the file by at most its lag period).
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let pem = log.public_key_pem();
     assert!(log.stats().rotations >= 3, "{:?}", log.stats());
     std::mem::forget(log);
