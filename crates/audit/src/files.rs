@@ -11,6 +11,8 @@ use crate::canon::{is_base64, is_lower_hex, sha256_hex, unseal};
 pub(crate) const ACTIVE: &str = "audit.jsonl";
 pub(crate) const ACTIVE_TMP: &str = "audit.jsonl.tmp";
 pub(crate) const INDEX: &str = "index.sqlite";
+/// The signed head: one line, rewritten in place after every group commit.
+pub(crate) const HEAD: &str = "head";
 pub(crate) const LOCK: &str = "lock";
 
 /// `audit-<first seq>-<last seq>.jsonl`, zero-padded so names sort in order.
@@ -25,6 +27,19 @@ pub(crate) fn parse_rotated_name(name: &str) -> Option<(u64, u64)> {
         return None;
     }
     Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// The head line in `dir` (the first line of [`HEAD`]; a shorter head written over a longer one
+/// leaves old bytes after its newline), or `None` if there is no head file.
+pub(crate) fn read_head_file(dir: &Path) -> io::Result<Option<Vec<u8>>> {
+    match fs::read(dir.join(HEAD)) {
+        Ok(bytes) => {
+            let end = bytes.iter().position(|&b| b == b'\n').unwrap_or(bytes.len());
+            Ok(Some(bytes[..end].to_vec()))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Rotated files in chain order.

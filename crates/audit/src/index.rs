@@ -1,6 +1,8 @@
-//! The SQLite index: one row per record (indexed columns and where its line is in the files)
-//! and the signed head (`meta.head`), written by the index thread (`indexer`) in one transaction
-//! per commit. Queries find records here and read their lines from the files.
+//! The SQLite index: one row per record (indexed columns and where its line is in the files),
+//! written by the index thread (`indexer`) in one transaction per commit. Queries find records
+//! here and read their lines from the files. The index holds nothing the files do not: it can
+//! be deleted and is rebuilt on open. (Before schema 3 it also held the signed head in `meta`,
+//! which open moves to the `head` file.)
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -19,15 +21,18 @@ use crate::{AuditError, AuditPage, AuditQuery};
 use serde_json::Value;
 
 const SCHEMA: &str = r#"
+-- Every text column of `records` holds the id of its (lowercased) text here: index entries are
+-- a few bytes of integers, cheap to insert and compare, and each distinct name is stored once.
+CREATE TABLE IF NOT EXISTS names (id INTEGER PRIMARY KEY, text TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS records (
     seq INTEGER PRIMARY KEY,
     time_us INTEGER NOT NULL,
-    principal_id TEXT,
-    principal_name TEXT,
-    vault TEXT,
-    secret TEXT,
-    operation TEXT NOT NULL,
-    result TEXT NOT NULL,
+    principal_id INTEGER,
+    principal_name INTEGER,
+    vault INTEGER,
+    secret INTEGER,
+    operation INTEGER NOT NULL,
+    result INTEGER NOT NULL,
     -- The record's line: bytes [file_offset, file_offset + line_len) of the file holding its
     -- seq (a rotated file whose name covers it, else audit.jsonl). Rotation renames files
     -- without rewriting them, so offsets stay valid.
@@ -45,12 +50,15 @@ CREATE INDEX IF NOT EXISTS records_secret ON records (secret, time_us, seq);
 CREATE INDEX IF NOT EXISTS records_operation ON records (operation, time_us, seq);
 CREATE INDEX IF NOT EXISTS records_result ON records (result, time_us, seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-PRAGMA user_version = 2;
+PRAGMA user_version = 3;
 "#;
 
-/// Version 1 kept a copy of each line in the row; its rows are dropped (and rebuilt from the
-/// files by open) while the signed head in `meta` is kept.
-const DROP_V1_ROWS: &str = "DROP TABLE IF EXISTS records;";
+/// Versions 1 (a copy of each line per row) and 2 (text columns) have other rows: they are
+/// dropped, and rebuilt from the files by open, while the signed head in `meta` is kept.
+const DROP_OLD_ROWS: &str = "DROP TABLE IF EXISTS records;";
+
+/// Interned names kept in memory (beyond this the cache starts again from empty).
+const NAME_CACHE_MAX: usize = 100_000;
 
 pub(crate) const MAX_LIMIT: usize = 1000;
 
@@ -69,6 +77,31 @@ pub(crate) struct IndexRow {
 
 pub(crate) struct Index {
     conn: Connection,
+    /// Text → `names.id`, for texts known to be committed.
+    names: HashMap<String, i64>,
+}
+
+/// The id of `text` in `names`, inserting it if new.
+fn intern(tx: &Connection, cache: &mut HashMap<String, i64>, text: &str) -> rusqlite::Result<i64> {
+    if let Some(id) = cache.get(text) {
+        return Ok(*id);
+    }
+    let found: Option<i64> = tx
+        .prepare_cached("SELECT id FROM names WHERE text = ?1")?
+        .query_row([text], |r| r.get(0))
+        .optional()?;
+    let id = match found {
+        Some(id) => id,
+        None => {
+            tx.prepare_cached("INSERT INTO names (text) VALUES (?1)")?.execute([text])?;
+            tx.last_insert_rowid()
+        }
+    };
+    if cache.len() >= NAME_CACHE_MAX {
+        cache.clear();
+    }
+    cache.insert(text.to_string(), id);
+    Ok(id)
 }
 
 impl Index {
@@ -89,15 +122,27 @@ impl Index {
         // checkpoint (see README: tail-truncation evidence is as strong as the last durable head).
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(db)?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(db)?;
-        if version == 1 {
-            conn.execute_batch(DROP_V1_ROWS).map_err(db)?;
+        if version == 1 || version == 2 {
+            conn.execute_batch(DROP_OLD_ROWS).map_err(db)?;
         }
         conn.execute_batch(SCHEMA).map_err(db)?;
-        Ok(Self { conn })
+        Ok(Self { conn, names: HashMap::new() })
     }
 
-    pub fn head(&self) -> Result<Option<String>, AuditError> {
-        read_head(&self.conn).map_err(db)
+    /// The signed head an index of an older version holds (see [`Index::forget_legacy_head`]).
+    pub fn legacy_head(&self) -> Result<Option<String>, AuditError> {
+        let head: Option<String> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'head'", [], |r| r.get(0))
+            .optional()
+            .map_err(db)?;
+        Ok(head)
+    }
+
+    /// Once the head is in the head file it must not be found here again: a deleted head file
+    /// must not fall back to an old head.
+    pub fn forget_legacy_head(&mut self) -> Result<(), AuditError> {
+        self.conn.execute("DELETE FROM meta WHERE key = 'head'", []).map(|_| ()).map_err(db)
     }
 
     pub fn max_seq(&self) -> Result<Option<u64>, AuditError> {
@@ -106,48 +151,63 @@ impl Index {
         Ok(max.map(|m| m as u64))
     }
 
-    /// Inserts rows (ignoring seqs already present), deletes rows `<= delete_through` and sets
-    /// the head, in one transaction.
-    pub fn commit(
-        &mut self,
-        rows: &[IndexRow],
-        head: Option<&str>,
-        delete_through: Option<u64>,
-    ) -> Result<(), AuditError> {
+    /// Inserts rows (ignoring seqs already present) and deletes rows `<= delete_through`, in one
+    /// transaction.
+    pub fn commit(&mut self, rows: &[IndexRow], delete_through: Option<u64>) -> Result<(), AuditError> {
         let tx = self.conn.transaction().map_err(db)?;
+        // Ids interned in this transaction are cached only once it commits.
+        let mut names = std::mem::take(&mut self.names);
+        let inserted = Self::insert_rows(&tx, &mut names, rows);
+        if inserted.is_ok() {
+            self.names = names;
+        }
+        inserted.map_err(db)?;
+        if let Some(through) = delete_through {
+            tx.execute("DELETE FROM records WHERE seq <= ?1", [through as i64]).map_err(db)?;
+        }
+        let committed = tx.commit().map_err(db);
+        if committed.is_err() {
+            self.names.clear();
+        }
+        committed
+    }
+
+    fn insert_rows(
+        tx: &Connection,
+        names: &mut HashMap<String, i64>,
+        rows: &[IndexRow],
+    ) -> rusqlite::Result<()> {
         {
             let mut insert = tx
                 .prepare_cached(
                     "INSERT OR IGNORE INTO records (seq, time_us, principal_id, principal_name, vault, secret, \
                      operation, result, file_offset, line_len, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-                )
-                .map_err(db)?;
+                )?;
+            let mut id = |text: Option<&str>| -> rusqlite::Result<Option<i64>> {
+                text.map(|t| intern(tx, names, t)).transpose()
+            };
             for row in rows {
                 let c = &row.cols;
-                insert
-                    .execute(params![
-                        row.seq as i64,
-                        c.time_us,
-                        c.principal_id,
-                        c.principal_name,
-                        c.vault,
-                        c.secret,
-                        c.operation,
-                        c.result,
-                        row.offset as i64,
-                        row.len,
-                        &row.hash[..]
-                    ])
-                    .map_err(db)?;
+                let principal_id = id(c.principal_id.as_deref())?;
+                let principal_name = id(c.principal_name.as_deref())?;
+                let (vault, secret) = (id(c.vault.as_deref())?, id(c.secret.as_deref())?);
+                let (operation, result) = (id(Some(&c.operation))?, id(Some(&c.result))?);
+                insert.execute(params![
+                    row.seq as i64,
+                    c.time_us,
+                    principal_id,
+                    principal_name,
+                    vault,
+                    secret,
+                    operation,
+                    result,
+                    row.offset as i64,
+                    row.len,
+                    &row.hash[..]
+                ])?;
             }
         }
-        if let Some(through) = delete_through {
-            tx.execute("DELETE FROM records WHERE seq <= ?1", [through as i64]).map_err(db)?;
-        }
-        if let Some(head) = head {
-            tx.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('head', ?1)", [head]).map_err(db)?;
-        }
-        tx.commit().map_err(db)
+        Ok(())
     }
 }
 
@@ -156,10 +216,6 @@ pub(crate) fn time_of(conn: &Connection, seq: u64) -> Result<Option<i64>, AuditE
     conn.query_row("SELECT time_us FROM records WHERE seq = ?1", [seq as i64], |r| r.get(0))
         .optional()
         .map_err(db)
-}
-
-pub(crate) fn read_head(conn: &Connection) -> rusqlite::Result<Option<String>> {
-    conn.query_row("SELECT value FROM meta WHERE key = 'head'", [], |r| r.get(0)).optional()
 }
 
 pub(crate) fn open_reader(path: &Path) -> Result<Connection, AuditError> {
@@ -194,20 +250,22 @@ pub(crate) fn query_sql(
         conds.push(cond.replace('?', &format!("?{}", args.len())));
     };
     let text = |s: &str| SqlValue::Text(s.to_lowercase());
+    // A text filter compares ids: the id of the text is looked up once (a constant subquery).
+    let name = |column: &str| format!("{column} = (SELECT id FROM names WHERE text = ?)");
     if let Some(p) = &q.principal {
-        push(&format!("{principal_column} = ?"), text(p), &mut conds, &mut args);
+        push(&name(principal_column), text(p), &mut conds, &mut args);
     }
     if let Some(s) = &q.secret {
-        push("secret = ?", text(s), &mut conds, &mut args);
+        push(&name("secret"), text(s), &mut conds, &mut args);
     }
     if let Some(v) = &q.vault {
-        push("vault = ?", text(v), &mut conds, &mut args);
+        push(&name("vault"), text(v), &mut conds, &mut args);
     }
     if let Some(o) = &q.operation {
-        push("operation = ?", text(o), &mut conds, &mut args);
+        push(&name("operation"), text(o), &mut conds, &mut args);
     }
     if let Some(r) = q.result {
-        push("result = ?", text(r.result_type()), &mut conds, &mut args);
+        push(&name("result"), text(r.result_type()), &mut conds, &mut args);
     }
     if let Some(t) = q.since {
         push("time_us >= ?", SqlValue::Integer(unix_us(t)), &mut conds, &mut args);
@@ -382,7 +440,7 @@ mod tests {
                 hash: [0; 32],
             })
             .collect();
-        index.commit(&rows, Some("{}"), None).unwrap();
+        index.commit(&rows, None).unwrap();
         let conn = &index.conn;
         let t = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
         let base = AuditQuery::default();

@@ -1,74 +1,43 @@
-//! The index thread: commits the rows of records that are already durable in the JSON-lines
-//! file, and the signed head, to SQLite, a little behind the writer.
+//! The index thread: commits the rows of records that are already durable (and attested by the
+//! signed head) to SQLite, a little behind the writer.
 //!
-//! Why a second thread: the file write + `fdatasync` is what makes a record durable and is all a
-//! request waits for. Index inserts (seven B-trees per record) cost more CPU than the rest of the
-//! record's path together when done per group commit; done here, at most every [`INDEX_LAG`],
-//! one transaction carries every row that arrived meanwhile, so each hot index page is written
-//! once per commit instead of once per fsync. The index is rebuildable from the files (open
-//! re-adds missing rows), so its lag is a crash window for the head only, the same one the
-//! README describes for an OS crash: records after the head are adopted on the next open.
+//! Why a second thread: the file write + `fdatasync` (and the head rewrite) is what makes a
+//! record durable and attested, and is all a request waits for. Index inserts cost more CPU than
+//! the rest of a record's path when done per group commit; done here, at most every
+//! [`INDEX_LAG`], one transaction carries every row that arrived meanwhile, so each hot index
+//! page is written once per commit instead of once per fsync. The index is rebuildable from the
+//! files (open re-adds missing rows), so its lag costs nothing after a crash.
 
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use tokio::sync::oneshot;
 
-use crate::canon::{canonical, seal};
-use crate::event::now_rfc3339;
 use crate::index::{Index, IndexRow};
-use crate::keys::Signer;
 use crate::AuditError;
 
-/// Longest time a durable record waits for its index row (and the head for it) under continuous
-/// load, unless a query, a checkpoint request or shutdown asks for a commit sooner.
+/// Longest time a durable record waits for its index row under continuous load, unless a query,
+/// a checkpoint request, rotation, retention or shutdown asks for a commit sooner.
 pub(crate) const INDEX_LAG: Duration = Duration::from_millis(200);
-/// When no new records arrive for this long, commit now: a pause in the load brings the head up
-/// to the file almost at once, so it trails by [`INDEX_LAG`] only while records keep coming.
+/// When no new records arrive for this long, commit now: a pause in the load brings the index up
+/// to the file almost at once.
 pub(crate) const INDEX_QUIET: Duration = Duration::from_millis(10);
-
-/// The chain state the head attests.
-#[derive(Debug, Clone)]
-pub(crate) struct HeadState {
-    pub n: u64,
-    pub seq: u64,
-    pub hash: String,
-    pub pruned_through: u64,
-}
 
 pub(crate) type SyncAck = oneshot::Sender<Result<(), AuditError>>;
 
 pub(crate) enum IndexMsg {
-    /// Rows of records durable in the files, the chain state after them, and rows to delete
-    /// (retention), to be committed in one transaction.
-    Rows { rows: Vec<IndexRow>, head: HeadState, delete_through: Option<u64> },
+    /// Rows of records durable in the files, and rows to delete (retention), to be committed
+    /// in one transaction.
+    Rows { rows: Vec<IndexRow>, delete_through: Option<u64> },
     /// Commit everything received before this message, then answer.
     Sync(SyncAck),
     /// Commit everything, then end the thread.
     Stop,
 }
 
-/// The signed head line for `h`.
-pub(crate) fn head_line(signer: &Signer, h: &HeadState) -> String {
-    let body = canonical(&json!({
-        "type": "head",
-        "n": h.n,
-        "seq": h.seq,
-        "hash": h.hash,
-        "time": now_rfc3339(),
-        "keyId": signer.key_id,
-        "prunedThrough": h.pruned_through,
-    }));
-    let sig = signer.sign(&body);
-    String::from_utf8(seal(body, "signature", &sig)).expect("JSON is UTF-8")
-}
-
 #[derive(Default)]
 struct Pending {
     rows: Vec<IndexRow>,
-    head: Option<HeadState>,
     delete_through: Option<u64>,
     /// When the oldest uncommitted change arrived.
     since: Option<Instant>,
@@ -77,13 +46,12 @@ struct Pending {
 }
 
 impl Pending {
-    fn add(&mut self, rows: Vec<IndexRow>, head: HeadState, delete_through: Option<u64>) {
+    fn add(&mut self, rows: Vec<IndexRow>, delete_through: Option<u64>) {
         if self.rows.is_empty() {
             self.rows = rows;
         } else {
             self.rows.extend(rows);
         }
-        self.head = Some(head);
         self.delete_through = self.delete_through.max(delete_through);
         let now = Instant::now();
         self.since.get_or_insert(now);
@@ -95,18 +63,17 @@ impl Pending {
         Some((self.since? + INDEX_LAG).min(self.last? + INDEX_QUIET))
     }
 
-    fn commit(&mut self, index: &mut Index, signer: &Signer) -> Result<(), AuditError> {
+    fn commit(&mut self, index: &mut Index) -> Result<(), AuditError> {
         if self.since.is_none() {
             return Ok(());
         }
-        let head = self.head.as_ref().map(|h| head_line(signer, h));
-        index.commit(&self.rows, head.as_deref(), self.delete_through)?;
+        index.commit(&self.rows, self.delete_through)?;
         *self = Pending::default();
         Ok(())
     }
 }
 
-pub(crate) fn run(mut index: Index, signer: Arc<Signer>, rx: Receiver<IndexMsg>) {
+pub(crate) fn run(mut index: Index, rx: Receiver<IndexMsg>) {
     let mut pending = Pending::default();
     let mut failing = false;
     loop {
@@ -125,7 +92,7 @@ pub(crate) fn run(mut index: Index, signer: Arc<Signer>, rx: Receiver<IndexMsg>)
         };
         fn take(msg: IndexMsg, pending: &mut Pending, waiters: &mut Vec<SyncAck>, stop: &mut bool) {
             match msg {
-                IndexMsg::Rows { rows, head, delete_through } => pending.add(rows, head, delete_through),
+                IndexMsg::Rows { rows, delete_through } => pending.add(rows, delete_through),
                 IndexMsg::Sync(ack) => waiters.push(ack),
                 IndexMsg::Stop => *stop = true,
             }
@@ -146,7 +113,7 @@ pub(crate) fn run(mut index: Index, signer: Arc<Signer>, rx: Receiver<IndexMsg>)
             }
         }
         let due = stop || !waiters.is_empty() || pending.due_at().is_some_and(|t| Instant::now() >= t);
-        let result = if due { pending.commit(&mut index, &signer) } else { Ok(()) };
+        let result = if due { pending.commit(&mut index) } else { Ok(()) };
         match &result {
             Ok(()) if failing => {
                 failing = false;

@@ -307,7 +307,7 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
-    fn snapshot(&self) -> AuditStats {
+    pub(crate) fn snapshot(&self) -> AuditStats {
         AuditStats {
             records: self.records.load(Ordering::Relaxed),
             batches: self.batches.load(Ordering::Relaxed),

@@ -15,7 +15,22 @@ use crate::files::{
     list_rotated, parse_lines, parse_rotated_name, parse_signed_bytes, Entry, Kind, Parsed, Rec, Signed,
     ACTIVE, INDEX,
 };
-use crate::index::read_head;
+
+/// The signed head of the log in `dir`: the head file, or (a log written before the head file
+/// existed) the head its index holds.
+fn read_head(dir: &Path, index: Option<&Connection>) -> Option<Vec<u8>> {
+    if let Ok(Some(line)) = crate::files::read_head_file(dir) {
+        if !line.is_empty() {
+            return Some(line);
+        }
+    }
+    index?
+        .query_row("SELECT value FROM meta WHERE key = 'head'", [], |r| r.get::<_, String>(0))
+        .optional()
+        .ok()
+        .flatten()
+        .map(String::into_bytes)
+}
 use crate::keys::Verifier;
 
 /// At most this many problems are listed (the first one is what matters).
@@ -152,11 +167,12 @@ pub fn verify_with_keys(dir_or_file: &Path, public_key_pems: &[&str]) -> VerifyR
         Connection::open_with_flags(p, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
             .ok()
     });
-    let head = conn.as_ref().and_then(|c| read_head(c).ok().flatten());
-    let head = match head.map(|line| parse_signed_bytes(line.as_bytes(), "head")) {
+    let head = dir.as_deref().and_then(|d| read_head(d, conn.as_ref()));
+    let head = match head.map(|line| parse_signed_bytes(&line, "head")) {
         Some(Ok(h)) => Some(h),
         Some(Err(e)) => {
-            w.problem(ProblemKind::Modified, index_path.as_deref().unwrap_or(dir_or_file), None, None, e);
+            let head_path = dir.as_ref().map(|d| d.join(crate::files::HEAD));
+            w.problem(ProblemKind::Modified, head_path.as_deref().unwrap_or(dir_or_file), None, None, e);
             None
         }
         None => None,
@@ -190,7 +206,9 @@ pub fn verify_with_keys(dir_or_file: &Path, public_key_pems: &[&str]) -> VerifyR
         }
         w.file(&verifier, current, &later);
     }
-    let index_path = index_path.unwrap_or_else(|| dir_or_file.to_path_buf());
+    // Problems with the head are reported at the head file.
+    let index_path =
+        dir.as_ref().map(|d| d.join(crate::files::HEAD)).unwrap_or_else(|| dir_or_file.to_path_buf());
     match head {
         Some(head) => w.check_head(&verifier, &head, &index_path, dir_mode),
         None if dir_mode => w.problem(
@@ -812,11 +830,10 @@ impl Walker {
             // a second) to attest what was read.
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
             let covered = loop {
-                let newer = self
-                    .index
-                    .as_ref()
-                    .and_then(|c| read_head(c).ok().flatten())
-                    .and_then(|l| parse_signed_bytes(l.as_bytes(), "head").ok())
+                let newer = index_path
+                    .parent()
+                    .and_then(|dir| read_head(dir, self.index.as_ref()))
+                    .and_then(|l| parse_signed_bytes(&l, "head").ok())
                     .filter(|h| verifier.verify(&h.key_id, &h.body, &h.signature).is_ok());
                 // A newer signed head at or beyond everything read: the writer moved on (a
                 // record forged into the file would break the chain of the writer's next ones).

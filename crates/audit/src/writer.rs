@@ -1,10 +1,10 @@
-//! The writer thread: resumes the chain on open, then group-commits records (one write and one
-//! fsync per batch; their index rows go to the index thread), writes checkpoints, rotates and
-//! prunes files.
+//! The writer thread: resumes the chain on open, then group-commits records (one write, one
+//! fsync and one signed-head rewrite per batch; their index rows go to the index thread), writes
+//! checkpoints, rotates and prunes files.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
@@ -18,11 +18,11 @@ use tokio::sync::oneshot;
 use crate::canon::{canonical, parse_rfc3339_us, seal, unix_us, GENESIS_HASH};
 use crate::event::{self, now_rfc3339, Encoded};
 use crate::files::{
-    list_rotated, parse_lines, parse_signed_bytes, rotated_name, Entry, Kind, Signed, ACTIVE, ACTIVE_TMP,
-    INDEX, LOCK,
+    list_rotated, parse_lines, parse_signed_bytes, read_head_file, rotated_name, Entry, Kind, Signed, ACTIVE,
+    ACTIVE_TMP, HEAD, INDEX, LOCK,
 };
 use crate::index::{self, Index, IndexRow};
-use crate::indexer::{self, head_line, HeadState, IndexMsg};
+use crate::indexer::{self, IndexMsg};
 use crate::keys::{Signer, Verifier};
 use crate::{AuditConfig, AuditError, Counters, Msg};
 
@@ -32,6 +32,29 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 const ROTATE_RETRY: Duration = Duration::from_secs(5);
 
 type Ack = oneshot::Sender<Result<u64, AuditError>>;
+
+/// The chain state the head attests.
+struct HeadState {
+    n: u64,
+    seq: u64,
+    hash: String,
+    pruned_through: u64,
+}
+
+/// The signed head line for `h`.
+fn head_line(signer: &Signer, h: &HeadState) -> Vec<u8> {
+    let body = canonical(&json!({
+        "type": "head",
+        "n": h.n,
+        "seq": h.seq,
+        "hash": h.hash,
+        "time": now_rfc3339(),
+        "keyId": signer.key_id,
+        "prunedThrough": h.pruned_through,
+    }));
+    let sig = signer.sign(&body);
+    seal(body, "signature", &sig)
+}
 type Pending = (Encoded, event::Cols);
 
 /// When a batch writes a checkpoint.
@@ -59,6 +82,8 @@ pub(crate) struct Writer {
     index: Option<Index>,
     to_index: Option<Sender<IndexMsg>>,
     indexer: Option<JoinHandle<()>>,
+    /// The signed head, rewritten in place after every group commit.
+    head_file: File,
     stats: Arc<Counters>,
     _lock: File,
 
@@ -302,6 +327,15 @@ impl Writer {
             .map_err(|e| io_err("create", &dir, e))?;
         let lock = lock_dir(&dir)?;
         let index = Index::open(&dir.join(INDEX))?;
+        let head_path = dir.join(HEAD);
+        let head_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&head_path)
+            .map_err(|e| io_err("open", &head_path, e))?;
         let active = dir.join(ACTIVE);
         let tmp = dir.join(ACTIVE_TMP);
 
@@ -327,6 +361,7 @@ impl Writer {
             index: Some(index),
             to_index: None,
             indexer: None,
+            head_file,
             stats,
             _lock: lock,
             // A placeholder handle: `resume` always installs the active file.
@@ -361,14 +396,20 @@ impl Writer {
 
     fn resume(&mut self, recover: bool) -> Result<(), AuditError> {
         let active = self.dir.join(ACTIVE);
-        let head = match self.index_mut().head()? {
+        let head_file = read_head_file(&self.dir).map_err(|e| io_err("read", &self.dir.join(HEAD), e))?;
+        let head_line = match head_file.filter(|line| !line.is_empty()) {
+            Some(line) => Some(line),
+            // A log written before the head file existed keeps its head in the index.
+            None => self.index_mut().legacy_head()?.map(String::into_bytes),
+        };
+        let head = match head_line {
             None => None,
-            Some(line) => match parse_signed_bytes(line.as_bytes(), "head") {
+            Some(line) => match parse_signed_bytes(&line, "head") {
                 Ok(h) => Some(h),
                 Err(e) => {
                     return self.refuse_or_recover(
                         recover,
-                        format!("the signed head in the index is unreadable: {e}"),
+                        format!("the signed head ({HEAD}) is unreadable: {e}"),
                         None,
                     )
                 }
@@ -378,11 +419,7 @@ impl Writer {
         if let Some(h) = &head {
             if verifier.knows(&h.key_id) {
                 if let Err(e) = verifier.verify(&h.key_id, &h.body, &h.signature) {
-                    return self.refuse_or_recover(
-                        recover,
-                        format!("the signed head in the index: {e}"),
-                        None,
-                    );
+                    return self.refuse_or_recover(recover, format!("the signed head ({HEAD}): {e}"), None);
                 }
             }
         }
@@ -394,7 +431,7 @@ impl Writer {
                 (None, Some(h)) => {
                     return self.refuse_or_recover(
                         recover,
-                        format!("the index holds a signed head (seq {}) but there are no audit files", h.seq),
+                        format!("there is a signed head (seq {}) but there are no audit files", h.seq),
                         head.clone(),
                     )
                 }
@@ -431,7 +468,7 @@ impl Writer {
         let Some(h) = head.clone() else {
             return self.refuse_or_recover(
                 recover,
-                "the index has no signed head although audit files exist (index deleted or replaced)".into(),
+                format!("there is no signed head ({HEAD}) although audit files exist (deleted or replaced)"),
                 None,
             );
         };
@@ -450,7 +487,7 @@ impl Writer {
             return self.refuse_or_recover(
                 recover,
                 format!(
-                    "the signed head (seq {}) is older than {ACTIVE} (which starts after seq {}): the index was \
+                    "the signed head (seq {}) is older than {ACTIVE} (which starts after seq {}): the head was \
                      rolled back or replaced",
                     h.seq, anchor.seq
                 ),
@@ -483,7 +520,7 @@ impl Writer {
             }
         };
 
-        // After the head: a crash between the file fsync and the index commit leaves complete,
+        // After the head: a crash between the file fsync and the head rewrite leaves complete,
         // chained records (adopted) and possibly a torn or zero-filled tail (cut).
         let mut discarded = 0usize;
         if let Some((offset, line, why)) = &s.problem {
@@ -543,8 +580,20 @@ impl Writer {
     fn start_fresh(&mut self) -> Result<(), AuditError> {
         let line = self.checkpoint_line(0, 0, GENESIS_HASH, 0, Map::new());
         self.install_active(&line)?;
-        let head = head_line(&self.signer, &self.head_state());
-        self.index_mut().commit(&[], Some(&head), None)
+        self.write_head()
+    }
+
+    /// Rewrites the signed head in place. Not fsync'd: like the file's own metadata it survives a
+    /// process crash; after an OS crash it may lag the file, and open adopts what follows it.
+    fn write_head(&mut self) -> Result<(), AuditError> {
+        let mut line = head_line(&self.signer, &self.head_state());
+        line.push(b'\n');
+        self.head_file.write_all_at(&line, 0).map_err(|e| io_err("write", &self.dir.join(HEAD), e))?;
+        if let Some(index) = self.index.as_mut() {
+            // Opening a log whose head was in the index: it is in the head file now.
+            index.forget_legacy_head()?;
+        }
+        Ok(())
     }
 
     /// The index while opening (before the index thread takes it).
@@ -669,7 +718,7 @@ impl Writer {
     }
 
     /// Adds index rows for records in the files that the index does not have (a crash before
-    /// the index commit, or a rebuilt index) and writes the head, in one transaction.
+    /// the index commit, or a rebuilt index), then writes the head.
     fn reindex(&mut self, rotated: &[(u64, u64, PathBuf)]) -> Result<(), AuditError> {
         let above = self.index_mut().max_seq()?.unwrap_or(0).max(self.pruned_through);
         let mut rows = Vec::new();
@@ -687,8 +736,8 @@ impl Writer {
                 tracing::info!(rows = rows.len(), "audit: index rows rebuilt from the files");
             }
         }
-        let head = head_line(&self.signer, &self.head_state());
-        self.index_mut().commit(&rows, Some(&head), None)
+        self.index_mut().commit(&rows, None)?;
+        self.write_head()
     }
 
     fn checkpoint_line(
@@ -735,9 +784,9 @@ impl Writer {
         Ok(())
     }
 
-    /// One group commit: appends the records (and a checkpoint if due) in one write and fsyncs;
-    /// then hands their index rows and the new head to the index thread (while opening: commits
-    /// them directly, in one transaction). On a write or fsync failure the file is cut back and
+    /// One group commit: appends the records (and a checkpoint if due) in one write, fsyncs,
+    /// rewrites the signed head; then hands their index rows to the index thread (while opening:
+    /// commits them directly). On a write, fsync or head failure the file is cut back and
     /// nothing is acknowledged. Returns the first seq and the checkpoint line.
     fn write_batch(
         &mut self,
@@ -804,19 +853,20 @@ impl Writer {
         self.pruned_through = pruned;
         let record_count = rows.len() as u64;
         let has_records = !rows.is_empty();
-        if self.index.is_some() {
-            // Opening: no index thread yet, and open must leave the index complete.
-            let head = head_line(&self.signer, &self.head_state());
-            if let Err(e) = self.index_mut().commit(&rows, Some(&head), prune_through) {
-                (self.cp_n, self.last_seq, self.last_hash, self.pruned_through) =
-                    (old_n, old_seq, old_hash, old_pruned);
-                self.rollback(start_len);
-                return Err(e);
-            }
-        } else if let Some(tx) = &self.to_index {
-            let head = self.head_state();
+        // Opening: no index thread yet, and open must leave the index complete.
+        let direct = match self.index.as_mut() {
+            Some(index) => index.commit(&rows, prune_through),
+            None => Ok(()),
+        };
+        if let Err(e) = direct.and_then(|()| self.write_head()) {
+            (self.cp_n, self.last_seq, self.last_hash, self.pruned_through) =
+                (old_n, old_seq, old_hash, old_pruned);
+            self.rollback(start_len);
+            return Err(e);
+        }
+        if let Some(tx) = &self.to_index {
             // The records are durable in the file; the index is rebuilt from it if this fails.
-            if tx.send(IndexMsg::Rows { rows, head, delete_through: prune_through }).is_err() {
+            if tx.send(IndexMsg::Rows { rows, delete_through: prune_through }).is_err() {
                 tracing::error!("audit: the index thread has stopped; queries will miss new records");
             }
         }
@@ -847,9 +897,6 @@ impl Writer {
         let Some(first) = self.file_first else { return Ok(()) };
         // Never rename a file that still holds the bytes of a failed batch.
         self.repair()?;
-        // The signed head must reach this file's end before it is renamed: open() expects the
-        // head inside the active file (or at its opening checkpoint), never in a rotated one.
-        self.sync_index()?;
         // The file ends with a checkpoint covering its last record: the one just written, or a
         // new one.
         let mut line = match self.tail_cp.clone() {
@@ -976,10 +1023,9 @@ impl Writer {
     pub(crate) fn start_indexer(&mut self) -> Result<(), AuditError> {
         let Some(index) = self.index.take() else { return Ok(()) };
         let (tx, rx) = mpsc::channel();
-        let signer = self.signer.clone();
         let thread = std::thread::Builder::new()
             .name("coffer-audit-index".into())
-            .spawn(move || indexer::run(index, signer, rx))
+            .spawn(move || indexer::run(index, rx))
             .map_err(|e| AuditError::Io(format!("cannot start the audit index thread: {e}")))?;
         self.to_index = Some(tx);
         self.indexer = Some(thread);
@@ -1082,6 +1128,15 @@ impl Writer {
             }
             if stop || closed {
                 self.stop_indexer();
+                let st = self.stats.snapshot();
+                tracing::info!(
+                    records = st.records,
+                    group_commits = st.batches,
+                    checkpoints = st.checkpoints,
+                    rotations = st.rotations,
+                    failed = st.failed_batches,
+                    "audit: log closed"
+                );
                 return;
             }
             self.maintenance();

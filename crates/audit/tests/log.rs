@@ -201,20 +201,21 @@ async fn open_recovers_from_every_crash_window() {
             log.record(event(i)).await.unwrap();
         }
     }
-    // The index as it was after seq 5.
+    // The head as it was after seq 5.
     let saved = tempfile::tempdir().unwrap();
-    fs::copy(dir.join("index.sqlite"), saved.path().join("index.sqlite")).unwrap();
+    fs::copy(dir.join("head"), saved.path().join("head")).unwrap();
     {
         let log = AuditLog::open(cfg.clone()).unwrap();
         for i in 6..=9 {
             log.record(event(i)).await.unwrap();
         }
     }
-    // Crash window 1: file fsync'd, index transaction lost.
+    // Crash window 1: file fsync'd, head rewrite lost (an OS crash: the head is not fsync'd),
+    // and the index with it.
     for suffix in ["", "-wal", "-shm"] {
         let _ = fs::remove_file(dir.join(format!("index.sqlite{suffix}")));
     }
-    fs::copy(saved.path().join("index.sqlite"), dir.join("index.sqlite")).unwrap();
+    fs::copy(saved.path().join("head"), dir.join("head")).unwrap();
     let report = verify(dir, &pem);
     assert_eq!(report.problems[0].kind, ProblemKind::Unattested, "{}", show(&report));
     // Crash window 2: a torn last line on top.
@@ -307,8 +308,18 @@ async fn damage_is_refused_unless_the_recovery_flag_is_set() {
     let err = AuditLog::open(config(copy.path(), &key)).unwrap_err();
     assert!(matches!(&err, AuditError::Damaged(m) if m.contains("truncated")), "{err}");
 
-    // The index (and with it the signed head) deleted.
+    // The index alone deleted: it is rebuilt from the files.
+    let copy3 = copy_dir(dir);
+    fs::remove_file(copy3.path().join("index.sqlite")).unwrap();
+    let err = AuditLog::open(config(copy3.path(), &key)).unwrap_err();
+    assert!(
+        matches!(&err, AuditError::Damaged(m) if m.contains("recovery")),
+        "still the altered record: {err}"
+    );
+
+    // The signed head (and the index) deleted.
     let copy2 = copy_dir(dir);
+    fs::remove_file(copy2.path().join("head")).unwrap();
     fs::remove_file(copy2.path().join("index.sqlite")).unwrap();
     let err = AuditLog::open(config(copy2.path(), &key)).unwrap_err();
     assert!(matches!(&err, AuditError::Damaged(m) if m.contains("no signed head")), "{err}");
@@ -663,4 +674,39 @@ async fn retention_prunes_old_files_and_the_rest_still_verifies() {
 
 fn verify_key(_dir: &Path, key: &Zeroizing<Vec<u8>>) -> String {
     coffer_audit::public_key_pem_from_pkcs8(key).unwrap()
+}
+
+/// A log written before the head file existed keeps its signed head in the index: open moves it
+/// to the head file (and out of the index, so a deleted head file cannot fall back to it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_kept_in_the_index_by_an_older_version_moves_to_the_head_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let key = generate_signing_key().unwrap();
+    let pem;
+    {
+        let log = AuditLog::open(config(dir, &key)).unwrap();
+        pem = log.public_key_pem();
+        for i in 1..=5 {
+            log.record(event(i)).await.unwrap();
+        }
+    }
+    // As an older version left it: the head in the index's meta table, no head file.
+    let head = fs::read_to_string(dir.join("head")).unwrap().lines().next().unwrap().to_string();
+    fs::remove_file(dir.join("head")).unwrap();
+    let conn = rusqlite::Connection::open(dir.join("index.sqlite")).unwrap();
+    conn.execute("INSERT INTO meta (key, value) VALUES ('head', ?1)", [&head]).unwrap();
+    drop(conn);
+    let report = verify(dir, &pem);
+    assert!(report.ok, "{}", show(&report));
+    {
+        let log = AuditLog::open(config(dir, &key)).unwrap();
+        assert_eq!(log.record(event(6)).await.unwrap(), 6);
+    }
+    assert!(fs::read_to_string(dir.join("head")).unwrap().contains("\"type\":\"head\""));
+    let conn = rusqlite::Connection::open(dir.join("index.sqlite")).unwrap();
+    let left: i64 = conn.query_row("SELECT COUNT(*) FROM meta WHERE key = 'head'", [], |r| r.get(0)).unwrap();
+    assert_eq!(left, 0, "the head left the index");
+    let report = verify(dir, &pem);
+    assert!(report.ok, "{}", show(&report));
 }
