@@ -50,10 +50,6 @@ struct Args {
     body_bytes: Option<usize>,
 }
 
-/// The same allocator as the `coffer` binary, so the ceiling stays "Coffer's stack".
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     if !args.listen.ip().is_loopback() {

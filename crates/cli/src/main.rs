@@ -106,12 +106,6 @@ impl Connection {
     }
 }
 
-/// mimalloc: per-thread free lists suit a server whose requests allocate and free many small
-/// buffers on two worker threads; glibc malloc's arena locks and consolidation showed at ~8 % of
-/// the GET profile.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() {
     let cli = Cli::parse();
     let is_server =
