@@ -107,7 +107,13 @@ fn intern(tx: &Connection, cache: &mut HashMap<String, i64>, text: &str) -> rusq
 impl Index {
     pub fn open(path: &Path) -> Result<Self, AuditError> {
         let conn =
-            Connection::open(path).map_err(|e| AuditError::Io(format!("open {}: {e}", path.display())))?;
+            // One thread at a time uses this connection (the writer while opening, then the index
+            // thread): SQLite's per-call mutex is not needed.
+            Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(|e| AuditError::Io(format!("open {}: {e}", path.display())))?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

@@ -144,14 +144,20 @@ pub async fn subscribe(
 /// events with 10 s per request. Workers are aborted at shutdown; an interrupted delivery is
 /// simply sent again (at least once).
 pub fn spawn_dispatcher(state: Arc<AppState>, data_dir: &Path, mut shutdown: watch::Receiver<bool>) {
-    let http = match http_client(data_dir) {
-        Ok(http) => http,
-        Err(e) => {
-            tracing::error!(error = %e, "event delivery is off: cannot build the HTTP client");
-            return;
-        }
-    };
+    let data_dir = data_dir.to_path_buf();
     tokio::spawn(async move {
+        // Loading the system trust roots takes milliseconds: not on the way to serving requests.
+        let http = match tokio::task::spawn_blocking(move || http_client(&data_dir)).await {
+            Ok(Ok(http)) => http,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "event delivery is off: cannot build the HTTP client");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "event delivery is off: building the HTTP client failed");
+                return;
+            }
+        };
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Dropping the set (on return) aborts the workers.

@@ -216,6 +216,15 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> a
         })?),
         _ => None,
     };
+    // The audit log opens (reading its active file) on a blocking thread while dev mode
+    // bootstraps (hashing the fresh admin secret with Argon2id): the two slow start-up steps.
+    let audit_opening = if config.audit.enabled {
+        let (audit_config, dir) = audit_config(&core).await?;
+        Some(tokio::task::spawn_blocking(move || open_audit(audit_config, &dir)))
+    } else {
+        tracing::warn!("AUDITING IS OFF: requests are not recorded (for benchmarks only)");
+        None
+    };
     if config.mode == Mode::Dev {
         let agent_addr = agent_listener.as_ref().map(|l| l.local_addr()).transpose()?;
         dev_bootstrap(&core, agent_addr).await?;
@@ -224,11 +233,9 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> a
     let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| {
         format!("cannot listen on {} (is another server using the port? pass --listen)", config.listen)
     })?;
-    let audit = if config.audit.enabled {
-        Some(open_audit(&core).await?)
-    } else {
-        tracing::warn!("AUDITING IS OFF: requests are not recorded (for benchmarks only)");
-        None
+    let audit = match audit_opening {
+        Some(opening) => Some(opening.await.context("opening the audit log panicked")??),
+        None => None,
     };
     let challenge = AppState::challenge_header(&config.zone, config.public_port, &core.tenant_id);
     let dev_agent = if config.mode == Mode::Dev { Some(core.ensure_dev_agent().await?) } else { None };
@@ -312,8 +319,9 @@ fn hex_to_bytes(hex: &str) -> Vec<u8> {
     (0..hex.len()).step_by(2).filter_map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok()).collect()
 }
 
-/// Opens the audit log (`<data dir>/audit` unless configured) and publishes its public key.
-async fn open_audit(core: &Core) -> anyhow::Result<coffer_audit::AuditLog> {
+/// The audit log's configuration: its directory (`<data dir>/audit` unless configured), keys and
+/// settings.
+async fn audit_config(core: &Core) -> anyhow::Result<(coffer_audit::AuditConfig, std::path::PathBuf)> {
     let settings = &core.config.audit;
     let dir = settings.dir.clone().unwrap_or_else(|| core.config.data_dir.join("audit"));
     let (hmac, signing) = audit_keys(core).await?;
@@ -321,6 +329,14 @@ async fn open_audit(core: &Core) -> anyhow::Result<coffer_audit::AuditLog> {
     config.stdout = settings.stdout;
     config.max_file_bytes = settings.max_file_mib * 1024 * 1024;
     config.retention = settings.retention_days.map(|d| Duration::from_secs(d * 86_400));
+    Ok((config, dir))
+}
+
+/// Opens the audit log (blocking I/O) and publishes its public key.
+fn open_audit(
+    config: coffer_audit::AuditConfig,
+    dir: &std::path::Path,
+) -> anyhow::Result<coffer_audit::AuditLog> {
     let log = coffer_audit::AuditLog::open(config).with_context(|| {
         format!("cannot open the audit log in {} (the server refuses to run unaudited)", dir.display())
     })?;

@@ -160,7 +160,10 @@ impl AuditNote {
 async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let started = std::time::Instant::now();
     let time = std::time::SystemTime::now();
-    let request_id = uuid::Uuid::new_v4().to_string();
+    // A request id must be unique, not secret: a thread-local generator (seeded from the OS)
+    // instead of a getrandom call per request.
+    let request_id =
+        uuid::Builder::from_random_bytes(rand::Rng::gen(&mut rand::thread_rng())).into_uuid().to_string();
     let client_ip = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
     let user_agent = req.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let health_check = req.uri().path() == "/healthz";
