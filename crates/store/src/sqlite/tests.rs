@@ -33,6 +33,30 @@ async fn store_with_vault() -> (tempfile::TempDir, SqliteStore, String) {
     (dir, store, vault.id)
 }
 
+/// Committed pages reach the database file without a commit doing it: the checkpoint thread
+/// copies them while the writer's automatic checkpoint is only a distant backstop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkpoint_thread_moves_committed_pages_into_the_database_file() {
+    let (dir, store, vault) = store_with_vault().await;
+    let db = dir.path().join("coffer.db");
+    let before = std::fs::metadata(&db).unwrap().len();
+    let name = SecretName::parse("big").unwrap();
+    // ~2 MiB of new pages: far below the 20,000-page backstop, far above one page.
+    for i in 0..256 {
+        let value = SealedValue { wrapped_dek: vec![1; 8], ciphertext: vec![(i % 251) as u8; 8192] };
+        store.add_version(&vault, &name, &props(&format!("v{i}"), i), &value).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let after = std::fs::metadata(&db).unwrap().len();
+        if after >= before + 2 * 1024 * 1024 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not checkpointed: {before} -> {after} bytes");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn versions_latest_and_listing() {
     let (_d, store, vault) = store_with_vault().await;

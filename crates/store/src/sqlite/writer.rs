@@ -180,14 +180,18 @@ fn run_batch(conn: &mut Connection, batch: &mut [Box<dyn Job>]) -> Result<(), St
     let failed = |e: rusqlite::Error| format!("the group commit failed: {e}");
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(failed)?;
     for job in batch.iter_mut() {
-        tx.execute_batch("SAVEPOINT job").map_err(failed)?;
+        tx.prepare_cached("SAVEPOINT job").and_then(|mut s| s.execute([])).map_err(failed)?;
         let ok = job.run(&tx);
         if tx.is_autocommit() {
             // Some errors (I/O, disk full) make SQLite roll back the whole transaction, taking
             // the earlier jobs' work with it; their callers must not see `Ok`.
             return Err("the group commit was rolled back by SQLite".into());
         }
-        tx.execute_batch(if ok { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" }).map_err(failed)?;
+        if ok {
+            tx.prepare_cached("RELEASE job").and_then(|mut s| s.execute([])).map_err(failed)?;
+        } else {
+            tx.execute_batch("ROLLBACK TO job; RELEASE job").map_err(failed)?;
+        }
     }
     // On failure, dropping the transaction rolls it back.
     tx.commit().map_err(failed)
