@@ -78,6 +78,17 @@ async fn one_record_per_request_and_no_secret_material() {
     }
     assert_eq!(records(&audit_dir).len(), before + steps.len(), "exactly one record per request");
 
+    // Admin API records name the assignment that allowed them too.
+    for (args, op) in [(vec!["vault", "list"], "VaultList"), (vec!["role", "list"], "RoleAssignmentList")] {
+        let (ok, _, err) = cli(&server, &args);
+        assert!(ok, "{args:?}: {err}");
+        let all = records(&audit_dir);
+        let last = all.last().unwrap();
+        assert_eq!(last["operationName"], op, "{args:?}");
+        let grant = last["properties"]["grant"].as_str().unwrap_or_default();
+        assert!(grant.starts_with("Coffer Administrator ("), "{args:?}: grant {grant:?}");
+    }
+
     // Denied: no token (401) and a principal without a role (403), each recorded once.
     let http = reqwest::Client::builder()
         .use_rustls_tls()

@@ -78,7 +78,18 @@ fn ok<T: Serialize>(status: StatusCode, body: &T) -> Result<Response, ApiError> 
 }
 
 pub(super) async fn handle(state: &Arc<AppState>, req: Request, note: &mut AuditNote) -> Response {
-    match handle_inner(state, req, note).await {
+    // The admin handlers authorize at many places (`allow`); each records what allowed it here,
+    // and the audit record takes the last one.
+    let (result, grant) = super::ADMIN_GRANT
+        .scope(std::cell::RefCell::new(None), async {
+            let result = handle_inner(state, req, note).await;
+            (result, super::ADMIN_GRANT.with(|g| g.take()))
+        })
+        .await;
+    if grant.is_some() {
+        note.grant = grant;
+    }
+    match result {
         Ok(response) => response,
         Err(e) => {
             if note.denial.is_none() && matches!(e.status.as_u16(), 401 | 403) {

@@ -219,7 +219,7 @@ async fn handle_inner(
     };
     let snapshot = state.directory.snapshot();
     match snapshot.rbac.authorize(&principal, route.action(), resource) {
-        Ok(grant) => note.grant = Some(format!("{} ({})", grant.role, grant.assignment_id)),
+        Ok(grant) => note.grant = Some(super::grant_text(&grant)),
         Err(denial) => {
             note.deny(denial.to_string());
             return Err(super::forbidden_by_rbac(denial));

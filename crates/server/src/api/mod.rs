@@ -304,6 +304,18 @@ fn authenticate_inner(
     Ok(principal.clone())
 }
 
+tokio::task_local! {
+    /// The role assignment that allowed the current admin request (set by [`allow`], read into
+    /// its audit record by `admin::handle`), so the admin handlers need not carry the audit note
+    /// to each of their authorization points.
+    static ADMIN_GRANT: std::cell::RefCell<Option<String>>;
+}
+
+/// The audit record's `grant` text for a role assignment that allowed a request.
+pub(crate) fn grant_text(grant: &coffer_core::authz::Grant) -> String {
+    format!("{} ({})", grant.role, grant.assignment_id)
+}
+
 /// The admin API's authorization step: one RBAC decision on the current directory snapshot.
 pub(crate) fn allow(
     state: &AppState,
@@ -311,13 +323,11 @@ pub(crate) fn allow(
     action: coffer_core::authz::Action,
     resource: coffer_core::authz::Resource<'_>,
 ) -> Result<(), ApiError> {
-    state
-        .directory
-        .snapshot()
-        .rbac
-        .authorize(principal, action, resource)
-        .map(|_| ())
-        .map_err(forbidden_by_rbac)
+    let snapshot = state.directory.snapshot();
+    let grant = snapshot.rbac.authorize(principal, action, resource).map_err(forbidden_by_rbac)?;
+    // Outside an admin request (no scope) there is no record to carry it.
+    let _ = ADMIN_GRANT.try_with(|g| *g.borrow_mut() = Some(grant_text(&grant)));
+    Ok(())
 }
 
 /// A JSON value as a response.
