@@ -1115,7 +1115,8 @@ impl Writer {
                     let _ =
                         ack.send(result.as_ref().map(|(first, _)| first + i as u64).map_err(Clone::clone));
                 }
-                // A checkpoint request or shutdown returns once the head covers the checkpoint.
+                // A checkpoint request or shutdown returns once the index holds everything before
+                // it (the head already covers it). Shutdown ends the index thread.
                 let mut result = result.map(|_| ());
                 if stop || closed {
                     self.stop_indexer();
@@ -1127,7 +1128,8 @@ impl Writer {
                 }
             }
             if stop || closed {
-                self.stop_indexer();
+                // The batch above ran (a shutdown has its waiter, a closed channel forces it) and
+                // stopped the index thread.
                 let st = self.stats.snapshot();
                 tracing::info!(
                     records = st.records,

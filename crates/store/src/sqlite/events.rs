@@ -551,10 +551,10 @@ impl EventStore for SqliteStore {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{sealed, store_with_vault};
     use super::*;
-    use crate::{Store, VaultRecord};
-    use coffer_core::model::{RetentionPolicy, Tags, VersionAttributes};
-    use coffer_core::names::VaultName;
+    use crate::Store;
+    use coffer_core::model::{Tags, VersionAttributes};
 
     fn props(version: &str, created: i64, exp: Option<i64>) -> VersionProperties {
         VersionProperties {
@@ -569,23 +569,6 @@ mod tests {
             content_type: None,
             tags: Tags::new(),
         }
-    }
-
-    fn sealed(marker: u8) -> SealedValue {
-        SealedValue { wrapped_dek: vec![marker; 8], ciphertext: vec![marker; 16] }
-    }
-
-    async fn store_with_vault() -> (tempfile::TempDir, SqliteStore, String) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("coffer.db")).unwrap();
-        let vault = VaultRecord {
-            id: "vault-1".into(),
-            name: VaultName::parse("dev").unwrap(),
-            policy: RetentionPolicy::new(7, false).unwrap(),
-            created: 1,
-        };
-        store.create_vault(&vault, ("vault-kek:vault-1".into(), vec![1, 2, 3])).await.unwrap();
-        (dir, store, vault.id)
     }
 
     fn subscription(id: &str, types: Vec<EventType>, secret: Option<&str>, window: i64) -> Subscription {

@@ -16,11 +16,11 @@ fn props(version: &str, created: i64) -> VersionProperties {
     }
 }
 
-fn sealed(marker: u8) -> SealedValue {
+pub(super) fn sealed(marker: u8) -> SealedValue {
     SealedValue { wrapped_dek: vec![marker; 8], ciphertext: vec![marker; 16] }
 }
 
-async fn store_with_vault() -> (tempfile::TempDir, SqliteStore, String) {
+pub(super) async fn store_with_vault() -> (tempfile::TempDir, SqliteStore, String) {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("coffer.db")).unwrap();
     let vault = VaultRecord {
