@@ -1,4 +1,5 @@
-//! The SQLite index: one row per record (indexed columns and where its line is in the files),
+//! The SQLite index: blocks of consecutive records (per record: time, where its line is in the
+//! files, its hash) and postings (for each filterable term, the blocks and records that have it),
 //! written by the index thread (`indexer`) in one transaction per commit. Queries find records
 //! here and read their lines from the files. The index holds nothing the files do not: it can
 //! be deleted and is rebuilt on open. (Before schema 3 it also held the signed head in `meta`,
@@ -11,56 +12,67 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use crate::canon::unix_us;
-use crate::event::Cols;
+use crate::event::{cols, Cols};
 use crate::files::{list_rotated, ACTIVE};
 use crate::{AuditError, AuditPage, AuditQuery};
 use serde_json::Value;
 
 const SCHEMA: &str = r#"
--- Every text column of `records` holds the id of its (lowercased) text here: index entries are
--- a few bytes of integers, cheap to insert and compare, and each distinct name is stored once.
-CREATE TABLE IF NOT EXISTS names (id INTEGER PRIMARY KEY, text TEXT NOT NULL UNIQUE);
-CREATE TABLE IF NOT EXISTS records (
-    seq INTEGER PRIMARY KEY,
-    time_us INTEGER NOT NULL,
-    principal_id INTEGER,
-    principal_name INTEGER,
-    vault INTEGER,
-    secret INTEGER,
-    operation INTEGER NOT NULL,
-    result INTEGER NOT NULL,
-    -- The record's line: bytes [file_offset, file_offset + line_len) of the file holding its
-    -- seq (a rotated file whose name covers it, else audit.jsonl). Rotation renames files
-    -- without rewriting them, so offsets stay valid.
-    file_offset INTEGER NOT NULL,
-    line_len INTEGER NOT NULL,
-    -- The record's SHA-256 (its `hash` field): a second copy, so `verify` can name the first
-    -- record of a re-hashed (forged) stretch of the chain.
-    hash BLOB NOT NULL
+-- A block: records first_seq..=last_seq (consecutive seqs), committed together, with the range of
+-- their times so time filters skip whole blocks.
+CREATE TABLE IF NOT EXISTS blocks (
+    first_seq INTEGER PRIMARY KEY,
+    last_seq INTEGER NOT NULL,
+    min_time_us INTEGER NOT NULL,
+    max_time_us INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS records_time ON records (time_us, seq);
-CREATE INDEX IF NOT EXISTS records_principal_id ON records (principal_id, time_us, seq);
-CREATE INDEX IF NOT EXISTS records_principal_name ON records (principal_name, time_us, seq);
-CREATE INDEX IF NOT EXISTS records_vault ON records (vault, time_us, seq);
-CREATE INDEX IF NOT EXISTS records_secret ON records (secret, time_us, seq);
-CREATE INDEX IF NOT EXISTS records_operation ON records (operation, time_us, seq);
-CREATE INDEX IF NOT EXISTS records_result ON records (result, time_us, seq);
+CREATE INDEX IF NOT EXISTS blocks_max_time ON blocks (max_time_us);
+-- Per block, per record in seq order (little-endian arrays): its time (i64), where its line is
+-- (u64 offset, u32 length: bytes of the file holding its seq, a rotated file whose name covers
+-- it, else audit.jsonl; rotation renames without rewriting, so offsets stay valid), and its
+-- SHA-256, a second copy so `verify` can name the first record of a re-hashed (forged) stretch.
+-- `terms` lists the block's posting terms (i64 ids), so retention can delete them.
+CREATE TABLE IF NOT EXISTS block_records (
+    first_seq INTEGER PRIMARY KEY,
+    times BLOB NOT NULL,
+    lines BLOB NOT NULL,
+    hashes BLOB NOT NULL,
+    terms BLOB NOT NULL
+);
+-- For each term, the blocks holding it and which of their records (u16 indexes into the block;
+-- empty: every record of the block). A term is the first 8 bytes of the SHA-256 of a kind prefix
+-- and the lowercased text (`p:` principal id or display name, `v:` vault, `s:` secret,
+-- `o:` operation, `r:` result): no table of names to look up or grow. Queries check each record
+-- they read against the filters, so a (vanishingly rare) collision costs a read, not a wrong
+-- answer.
+CREATE TABLE IF NOT EXISTS postings (
+    term INTEGER NOT NULL,
+    block INTEGER NOT NULL,
+    members BLOB NOT NULL,
+    PRIMARY KEY (term, block)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-PRAGMA user_version = 3;
+PRAGMA user_version = 4;
 "#;
 
-/// Versions 1 (a copy of each line per row) and 2 (text columns) have other rows: they are
-/// dropped, and rebuilt from the files by open, while the signed head in `meta` is kept.
-const DROP_OLD_ROWS: &str = "DROP TABLE IF EXISTS records;";
+/// Versions 1 to 3 have one row per record (with up to seven secondary indexes) and interned
+/// names: they are dropped, and rebuilt from the files by open, while the signed head in `meta`
+/// is kept.
+const DROP_OLD_ROWS: &str = "DROP TABLE IF EXISTS records; DROP TABLE IF EXISTS names;";
 
-/// Interned names kept in memory (beyond this the cache starts again from empty).
-const NAME_CACHE_MAX: usize = 100_000;
+/// Records per block at most (their indexes in a posting are u16).
+pub(crate) const BLOCK_MAX: usize = 4096;
+
+/// Terms kept in memory per kind.
+const TERM_CACHE_MAX: usize = 100_000;
 
 pub(crate) const MAX_LIMIT: usize = 1000;
+
+const LINE_BYTES: usize = 12;
+const HASH_BYTES: usize = 32;
 
 fn db(e: rusqlite::Error) -> AuditError {
     AuditError::Unavailable(format!("audit index: {e}"))
@@ -75,33 +87,74 @@ pub(crate) struct IndexRow {
     pub hash: [u8; 32],
 }
 
-pub(crate) struct Index {
-    conn: Connection,
-    /// Text → `names.id`, for texts known to be committed.
-    names: HashMap<String, i64>,
+/// The kinds of term, with the prefix hashed before their text.
+#[derive(Clone, Copy)]
+enum Kind {
+    Principal,
+    Vault,
+    Secret,
+    Operation,
+    Result,
 }
 
-/// The id of `text` in `names`, inserting it if new.
-fn intern(tx: &Connection, cache: &mut HashMap<String, i64>, text: &str) -> rusqlite::Result<i64> {
-    if let Some(id) = cache.get(text) {
-        return Ok(*id);
-    }
-    let found: Option<i64> = tx
-        .prepare_cached("SELECT id FROM names WHERE text = ?1")?
-        .query_row([text], |r| r.get(0))
-        .optional()?;
-    let id = match found {
-        Some(id) => id,
-        None => {
-            tx.prepare_cached("INSERT INTO names (text) VALUES (?1)")?.execute([text])?;
-            tx.last_insert_rowid()
+impl Kind {
+    const ALL: usize = 5;
+
+    fn prefix(self) -> &'static str {
+        match self {
+            Kind::Principal => "p:",
+            Kind::Vault => "v:",
+            Kind::Secret => "s:",
+            Kind::Operation => "o:",
+            Kind::Result => "r:",
         }
-    };
-    if cache.len() >= NAME_CACHE_MAX {
-        cache.clear();
     }
-    cache.insert(text.to_string(), id);
-    Ok(id)
+
+    /// The term of `text` (already lowercased).
+    fn term(self, text: &str) -> i64 {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(self.prefix().as_bytes());
+        ctx.update(text.as_bytes());
+        let digest = ctx.finish();
+        i64::from_le_bytes(digest.as_ref()[..8].try_into().expect("SHA-256 is 32 bytes"))
+    }
+}
+
+/// The terms a record is found by.
+fn terms_of(c: &Cols) -> impl Iterator<Item = (Kind, &str)> {
+    let principal_name = c.principal_name.as_deref().filter(|n| Some(*n) != c.principal_id.as_deref());
+    [
+        (Kind::Principal, c.principal_id.as_deref()),
+        (Kind::Principal, principal_name),
+        (Kind::Vault, c.vault.as_deref()),
+        (Kind::Secret, c.secret.as_deref()),
+        (Kind::Operation, Some(c.operation.as_str())),
+        (Kind::Result, Some(c.result.as_str())),
+    ]
+    .into_iter()
+    .filter_map(|(kind, text)| Some((kind, text?)))
+}
+
+pub(crate) struct Index {
+    conn: Connection,
+    /// Per kind: text → term.
+    terms: Vec<HashMap<String, i64>>,
+    /// The last indexed seq.
+    max_seq: u64,
+}
+
+/// The term of `kind:text`, through a cache of the usual ones.
+fn term_of(cache: &mut [HashMap<String, i64>], kind: Kind, text: &str) -> i64 {
+    let cache = &mut cache[kind as usize];
+    if let Some(term) = cache.get(text) {
+        return *term;
+    }
+    let term = kind.term(text);
+    // Past the cap (a store of many secrets), further texts are hashed each time instead.
+    if cache.len() < TERM_CACHE_MAX {
+        cache.insert(text.to_string(), term);
+    }
+    term
 }
 
 impl Index {
@@ -123,16 +176,19 @@ impl Index {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
         // The JSON-lines file is the durable record (fdatasync'd before any acknowledgement);
         // the index is rebuilt from it on open. NORMAL keeps the index safe across process
-        // crashes and saves the second fsync per group commit. After an OS crash the signed
-        // head may lag the file; open() then adopts the records after it with a noted
-        // checkpoint (see README: tail-truncation evidence is as strong as the last durable head).
+        // crashes and saves an fsync per commit.
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(db)?;
+        // Postings of many distinct secrets land on pages all over their tree: a larger page
+        // cache than SQLite's 2 MiB default saves re-reading them on every commit.
+        conn.pragma_update(None, "cache_size", -8192).map_err(db)?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(db)?;
-        if version == 1 || version == 2 {
+        if (1..=3).contains(&version) {
             conn.execute_batch(DROP_OLD_ROWS).map_err(db)?;
         }
         conn.execute_batch(SCHEMA).map_err(db)?;
-        Ok(Self { conn, names: HashMap::new() })
+        let max: Option<i64> =
+            conn.query_row("SELECT MAX(last_seq) FROM blocks", [], |r| r.get(0)).map_err(db)?;
+        Ok(Self { conn, terms: vec![HashMap::new(); Kind::ALL], max_seq: max.unwrap_or(0) as u64 })
     }
 
     /// The signed head an index of an older version holds (see [`Index::forget_legacy_head`]).
@@ -152,76 +208,150 @@ impl Index {
     }
 
     pub fn max_seq(&self) -> Result<Option<u64>, AuditError> {
-        let max: Option<i64> =
-            self.conn.query_row("SELECT MAX(seq) FROM records", [], |r| r.get(0)).map_err(db)?;
-        Ok(max.map(|m| m as u64))
+        Ok(Some(self.max_seq).filter(|m| *m > 0))
     }
 
-    /// Inserts rows (ignoring seqs already present) and deletes rows `<= delete_through`, in one
-    /// transaction.
+    /// Adds rows (ignoring seqs already indexed) as blocks, and forgets records `<= delete_through`
+    /// (their files are about to be deleted), in one transaction.
     pub fn commit(&mut self, rows: &[IndexRow], delete_through: Option<u64>) -> Result<(), AuditError> {
         let tx = self.conn.transaction().map_err(db)?;
-        // Ids interned in this transaction are cached only once it commits.
-        let mut names = std::mem::take(&mut self.names);
-        let inserted = Self::insert_rows(&tx, &mut names, rows);
-        if inserted.is_ok() {
-            self.names = names;
-        }
-        inserted.map_err(db)?;
-        if let Some(through) = delete_through {
-            tx.execute("DELETE FROM records WHERE seq <= ?1", [through as i64]).map_err(db)?;
-        }
-        let committed = tx.commit().map_err(db);
-        if committed.is_err() {
-            self.names.clear();
-        }
-        committed
-    }
-
-    fn insert_rows(
-        tx: &Connection,
-        names: &mut HashMap<String, i64>,
-        rows: &[IndexRow],
-    ) -> rusqlite::Result<()> {
-        {
-            let mut insert = tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO records (seq, time_us, principal_id, principal_name, vault, secret, \
-                     operation, result, file_offset, line_len, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-                )?;
-            let mut id = |text: Option<&str>| -> rusqlite::Result<Option<i64>> {
-                text.map(|t| intern(tx, names, t)).transpose()
-            };
-            for row in rows {
-                let c = &row.cols;
-                let principal_id = id(c.principal_id.as_deref())?;
-                let principal_name = id(c.principal_name.as_deref())?;
-                let (vault, secret) = (id(c.vault.as_deref())?, id(c.secret.as_deref())?);
-                let (operation, result) = (id(Some(&c.operation))?, id(Some(&c.result))?);
-                insert.execute(params![
-                    row.seq as i64,
-                    c.time_us,
-                    principal_id,
-                    principal_name,
-                    vault,
-                    secret,
-                    operation,
-                    result,
-                    row.offset as i64,
-                    row.len,
-                    &row.hash[..]
-                ])?;
+        let fresh = rows.iter().position(|r| r.seq > self.max_seq).map_or(&rows[..0], |i| &rows[i..]);
+        let mut written = Ok(self.max_seq);
+        let mut block_start = 0;
+        for i in 1..=fresh.len() {
+            let ends =
+                i == fresh.len() || fresh[i].seq != fresh[i - 1].seq + 1 || i - block_start == BLOCK_MAX;
+            if ends {
+                written = Self::insert_block(&tx, &mut self.terms, &fresh[block_start..i])
+                    .map(|()| fresh[i - 1].seq);
+                if written.is_err() {
+                    break;
+                }
+                block_start = i;
             }
         }
+        let deleted = match (&written, delete_through) {
+            (Ok(_), Some(through)) => Self::forget_through(&tx, through),
+            _ => Ok(()),
+        };
+        let committed = written.and_then(|max| deleted.and_then(|()| tx.commit()).map(|()| max));
+        self.max_seq = committed.map_err(db)?;
+        Ok(())
+    }
+
+    /// One block of consecutive records: its row, its records' arrays and one posting per term.
+    fn insert_block(
+        tx: &Connection,
+        terms: &mut [HashMap<String, i64>],
+        rows: &[IndexRow],
+    ) -> rusqlite::Result<()> {
+        let first = rows[0].seq as i64;
+        let mut times = Vec::with_capacity(rows.len() * 8);
+        let mut lines = Vec::with_capacity(rows.len() * LINE_BYTES);
+        let mut hashes = Vec::with_capacity(rows.len() * HASH_BYTES);
+        let mut postings: HashMap<i64, Vec<u8>> = HashMap::new();
+        let (mut min_time, mut max_time) = (i64::MAX, i64::MIN);
+        for (i, row) in rows.iter().enumerate() {
+            let c = &row.cols;
+            (min_time, max_time) = (min_time.min(c.time_us), max_time.max(c.time_us));
+            times.extend_from_slice(&c.time_us.to_le_bytes());
+            lines.extend_from_slice(&row.offset.to_le_bytes());
+            lines.extend_from_slice(&row.len.to_le_bytes());
+            hashes.extend_from_slice(&row.hash);
+            for (kind, text) in terms_of(c) {
+                let members = postings.entry(term_of(terms, kind, text)).or_default();
+                let member = (i as u16).to_le_bytes();
+                // The same term twice in one record (an id equal to another record's name) is one member.
+                if members.len() < 2 || members[members.len() - 2..] != member {
+                    members.extend_from_slice(&member);
+                }
+            }
+        }
+        let mut block_terms = Vec::with_capacity(postings.len() * 8);
+        {
+            let mut insert =
+                tx.prepare_cached("INSERT INTO postings (term, block, members) VALUES (?1, ?2, ?3)")?;
+            for (term, members) in &postings {
+                block_terms.extend_from_slice(&term.to_le_bytes());
+                // A term of every record (the usual principal, vault, operation, result) stores nothing.
+                let members: &[u8] = if members.len() == 2 * rows.len() { &[] } else { members };
+                insert.execute(params![term, first, members])?;
+            }
+        }
+        tx.prepare_cached(
+            "INSERT INTO blocks (first_seq, last_seq, min_time_us, max_time_us) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![first, rows[rows.len() - 1].seq as i64, min_time, max_time])?;
+        tx.prepare_cached(
+            "INSERT INTO block_records (first_seq, times, lines, hashes, terms) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![first, times, lines, hashes, block_terms])?;
+        Ok(())
+    }
+
+    /// Deletes the blocks whose records are all `<= through`, and records the watermark so
+    /// queries skip the older records of a block that straddles it.
+    fn forget_through(tx: &Connection, through: u64) -> rusqlite::Result<()> {
+        let through = through.min(i64::MAX as u64) as i64;
+        let doomed: Vec<(i64, Vec<u8>)> = {
+            let mut stmt = tx.prepare(
+                "SELECT b.first_seq, r.terms FROM blocks b JOIN block_records r ON r.first_seq = b.first_seq \
+                 WHERE b.last_seq <= ?1",
+            )?;
+            let rows = stmt.query_map([through], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let mut delete_posting = tx.prepare_cached("DELETE FROM postings WHERE term = ?1 AND block = ?2")?;
+        for (block, terms) in &doomed {
+            for term in terms.chunks_exact(8) {
+                let term = i64::from_le_bytes(term.try_into().expect("8 bytes"));
+                delete_posting.execute([term, *block])?;
+            }
+        }
+        tx.execute("DELETE FROM block_records WHERE first_seq IN (SELECT first_seq FROM blocks WHERE last_seq <= ?1)", [through])?;
+        tx.execute("DELETE FROM blocks WHERE last_seq <= ?1", [through])?;
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('pruned_through', ?1) \
+             ON CONFLICT (key) DO UPDATE SET value = MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
+            [through.to_string()],
+        )?;
         Ok(())
     }
 }
 
+fn le_i64(bytes: &[u8], i: usize) -> i64 {
+    i64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
+}
+
+fn line_at(lines: &[u8], i: usize) -> (u64, u32) {
+    let at = &lines[i * LINE_BYTES..(i + 1) * LINE_BYTES];
+    (
+        u64::from_le_bytes(at[..8].try_into().expect("8 bytes")),
+        u32::from_le_bytes(at[8..].try_into().expect("4 bytes")),
+    )
+}
+
+/// The block holding `seq`: (first seq, the requested per-record array).
+fn block_array(conn: &Connection, seq: u64, column: &str) -> rusqlite::Result<Option<(u64, Vec<u8>)>> {
+    let seq = seq.min(i64::MAX as u64) as i64;
+    let sql = format!(
+        "SELECT b.first_seq, r.{column} FROM blocks b JOIN block_records r ON r.first_seq = b.first_seq \
+         WHERE b.first_seq = (SELECT MAX(first_seq) FROM blocks WHERE first_seq <= ?1) AND b.last_seq >= ?1"
+    );
+    conn.prepare_cached(&sql)?.query_row([seq], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))).optional()
+}
+
 /// The time of record `seq` (for retention), if indexed.
 pub(crate) fn time_of(conn: &Connection, seq: u64) -> Result<Option<i64>, AuditError> {
-    conn.query_row("SELECT time_us FROM records WHERE seq = ?1", [seq as i64], |r| r.get(0))
-        .optional()
-        .map_err(db)
+    let found = block_array(conn, seq, "times").map_err(db)?;
+    Ok(found.map(|(first, times)| le_i64(&times, (seq - first) as usize)))
+}
+
+/// The indexed copy of the hash of record `seq`, if indexed.
+pub(crate) fn hash_of(conn: &Connection, seq: u64) -> Option<Vec<u8>> {
+    let (first, hashes) = block_array(conn, seq, "hashes").ok()??;
+    let i = (seq - first) as usize * HASH_BYTES;
+    hashes.get(i..i + HASH_BYTES).map(<[u8]>::to_vec)
 }
 
 pub(crate) fn open_reader(path: &Path) -> Result<Connection, AuditError> {
@@ -232,113 +362,187 @@ pub(crate) fn open_reader(path: &Path) -> Result<Connection, AuditError> {
     Ok(conn)
 }
 
-/// The SQL and parameters of a query (also used to check its plan in tests). Results are in
-/// (time, seq) order; every index ends in `(time_us, seq)`, so a filter plus a time range plus
-/// the cursor is one index range read in order, without sorting. `cursor_time` is the time of
-/// the record named by `q.after` (looked up first). Returns `limit + 1` rows so the caller
-/// knows whether there is a next page.
+/// The statements a query runs, each a primary-key lookup or range (tests check their plans).
+const SQL_PRUNED: &str = "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'pruned_through'";
+const SQL_BLOCK_OF: &str = "SELECT COALESCE(MAX(first_seq), 0) FROM blocks WHERE first_seq <= ?1";
+const SQL_SINCE: &str = "SELECT MIN(first_seq) FROM blocks WHERE max_time_us >= ?1";
+const SQL_BLOCKS_FROM: &str =
+    "SELECT first_seq, last_seq, min_time_us, max_time_us FROM blocks WHERE first_seq >= ?1 ORDER BY first_seq";
+const SQL_POSTINGS_FROM: &str =
+    "SELECT block, members FROM postings WHERE term = ?1 AND block >= ?2 ORDER BY block";
+const SQL_POSTING: &str = "SELECT members FROM postings WHERE term = ?1 AND block = ?2";
+const SQL_BLOCK: &str = "SELECT last_seq, min_time_us, max_time_us FROM blocks WHERE first_seq = ?1";
+const SQL_RECORDS: &str = "SELECT times, lines FROM block_records WHERE first_seq = ?1";
+
+/// A matching record: its seq and where its line is.
+type Found = (u64, u64, u32);
+
+/// Finds the records matching `q` in log (seq) order: at most one page, plus whether there
+/// are more.
 ///
-/// A principal filter matches the id or the display name: `principal_column` says which one
-/// this statement reads (the caller runs both and merges them, so neither needs a sort).
-pub(crate) fn query_sql(
-    q: &AuditQuery,
-    cursor_time: Option<i64>,
-    principal_column: &str,
-) -> (String, Vec<SqlValue>, usize) {
+/// The filters' terms are looked up once; the most selective kind present (secret, principal,
+/// vault, operation, result) drives: its postings name the blocks to visit, in order, and the
+/// other terms' postings for each of those blocks (primary-key lookups) narrow it down. Time
+/// filters skip blocks by their time range, then check each record's time.
+pub(crate) fn find(conn: &Connection, q: &AuditQuery) -> rusqlite::Result<(Vec<Found>, bool)> {
     let limit = match q.limit {
         0 => 100,
         n => n.min(MAX_LIMIT),
     };
-    let mut conds: Vec<String> = Vec::new();
-    let mut args: Vec<SqlValue> = Vec::new();
-    let push = |cond: &str, value: SqlValue, conds: &mut Vec<String>, args: &mut Vec<SqlValue>| {
-        args.push(value);
-        conds.push(cond.replace('?', &format!("?{}", args.len())));
-    };
-    let text = |s: &str| SqlValue::Text(s.to_lowercase());
-    // A text filter compares ids: the id of the text is looked up once (a constant subquery).
-    let name = |column: &str| format!("{column} = (SELECT id FROM names WHERE text = ?)");
-    if let Some(p) = &q.principal {
-        push(&name(principal_column), text(p), &mut conds, &mut args);
+    let filters = [
+        (Kind::Secret, q.secret.as_deref()),
+        (Kind::Principal, q.principal.as_deref()),
+        (Kind::Vault, q.vault.as_deref()),
+        (Kind::Operation, q.operation.as_deref()),
+        (Kind::Result, q.result.map(|r| r.result_type())),
+    ];
+    let terms: Vec<i64> =
+        filters.into_iter().filter_map(|(kind, text)| Some(kind.term(&text?.to_lowercase()))).collect();
+    let pruned: u64 =
+        conn.prepare_cached(SQL_PRUNED)?.query_row([], |r| r.get::<_, i64>(0)).optional()?.unwrap_or(0)
+            as u64;
+    let floor = q.after.unwrap_or(0).max(pruned);
+    let since = q.since.map(unix_us).unwrap_or(i64::MIN);
+    let until = q.until.map(unix_us).unwrap_or(i64::MAX);
+    let mut start_block: i64 = conn
+        .prepare_cached(SQL_BLOCK_OF)?
+        .query_row([floor.saturating_add(1).min(i64::MAX as u64) as i64], |r| r.get(0))?;
+    if q.since.is_some() {
+        // No block before the first one with a record at or after `since` can match.
+        let first: Option<i64> = conn.prepare_cached(SQL_SINCE)?.query_row([since], |r| r.get(0))?;
+        start_block = start_block.max(first.unwrap_or(i64::MAX));
     }
-    if let Some(s) = &q.secret {
-        push(&name("secret"), text(s), &mut conds, &mut args);
-    }
-    if let Some(v) = &q.vault {
-        push(&name("vault"), text(v), &mut conds, &mut args);
-    }
-    if let Some(o) = &q.operation {
-        push(&name("operation"), text(o), &mut conds, &mut args);
-    }
-    if let Some(r) = q.result {
-        push(&name("result"), text(r.result_type()), &mut conds, &mut args);
-    }
-    if let Some(t) = q.since {
-        push("time_us >= ?", SqlValue::Integer(unix_us(t)), &mut conds, &mut args);
-    }
-    if let Some(t) = q.until {
-        push("time_us < ?", SqlValue::Integer(unix_us(t)), &mut conds, &mut args);
-    }
-    if let Some(after) = q.after {
-        let after = SqlValue::Integer(after.min(i64::MAX as u64) as i64);
-        match cursor_time {
-            Some(t) => {
-                args.push(SqlValue::Integer(t));
-                args.push(after);
-                conds.push(format!("(time_us, seq) > (?{}, ?{})", args.len() - 1, args.len()));
+
+    let mut found = Vec::new();
+    // Visits one block: `members` are record indexes (None: every record).
+    let mut visit =
+        |first: i64, last: i64, times: (i64, i64), members: Option<Vec<u16>>| -> rusqlite::Result<bool> {
+            if times.1 < since || times.0 >= until || (last as u64) <= floor {
+                return Ok(false);
             }
-            // The cursor's record is gone (pruned): continue after its seq.
-            None => push("seq > ?", after, &mut conds, &mut args),
+            let (time_blob, lines): (Vec<u8>, Vec<u8>) =
+                conn.prepare_cached(SQL_RECORDS)?.query_row([first], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let count = (last - first + 1) as usize;
+            let members: Box<dyn Iterator<Item = usize>> = match members {
+                Some(m) => Box::new(m.into_iter().map(usize::from)),
+                None => Box::new(0..count),
+            };
+            for i in members {
+                let seq = first as u64 + i as u64;
+                if seq <= floor || i >= count {
+                    continue;
+                }
+                let t = le_i64(&time_blob, i);
+                if t < since || t >= until {
+                    continue;
+                }
+                let (offset, len) = line_at(&lines, i);
+                found.push((seq, offset, len));
+                if found.len() > limit {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        };
+
+    let Some((&driver, others)) = terms.split_first() else {
+        let mut stmt = conn.prepare_cached(SQL_BLOCKS_FROM)?;
+        let mut rows = stmt.query([start_block])?;
+        while let Some(r) = rows.next()? {
+            if visit(r.get(0)?, r.get(1)?, (r.get(2)?, r.get(3)?), None)? {
+                break;
+            }
+        }
+        drop(rows);
+        let more = found.len() > limit;
+        found.truncate(limit);
+        return Ok((found, more));
+    };
+    let mut stmt = conn.prepare_cached(SQL_POSTINGS_FROM)?;
+    let mut postings = stmt.query(params![driver, start_block])?;
+    'blocks: while let Some(r) = postings.next()? {
+        let block: i64 = r.get(0)?;
+        let mut members = decode_members(r.get_ref(1)?.as_blob()?);
+        for &term in others {
+            let other: Option<Vec<u8>> =
+                conn.prepare_cached(SQL_POSTING)?.query_row(params![term, block], |r| r.get(0)).optional()?;
+            match other {
+                None => continue 'blocks,
+                Some(other) => members = intersect(members, decode_members(&other)),
+            }
+            if members.as_ref().is_some_and(Vec::is_empty) {
+                continue 'blocks;
+            }
+        }
+        let (last, min_time, max_time): (i64, i64, i64) =
+            conn.prepare_cached(SQL_BLOCK)?.query_row([block], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        if visit(block, last, (min_time, max_time), members)? {
+            break;
         }
     }
-    let filter = if conds.is_empty() { String::new() } else { format!(" WHERE {}", conds.join(" AND ")) };
-    args.push(SqlValue::Integer(limit as i64 + 1));
-    let sql = format!(
-        "SELECT time_us, seq, file_offset, line_len FROM records{filter} ORDER BY time_us, seq LIMIT ?{}",
-        args.len()
-    );
-    (sql, args, limit)
+    drop(postings);
+    let more = found.len() > limit;
+    found.truncate(limit);
+    Ok((found, more))
 }
 
-/// Runs `q` on the index and reads the matching lines from the files in `dir`.
-pub(crate) fn query(conn: &Connection, dir: &Path, q: &AuditQuery) -> Result<AuditPage, AuditError> {
-    let err = |e: rusqlite::Error| AuditError::Query(e.to_string());
-    let cursor_time = match q.after {
-        Some(after) => conn
-            .query_row(
-                "SELECT time_us FROM records WHERE seq = ?1",
-                [after.min(i64::MAX as u64) as i64],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(err)?,
-        None => None,
-    };
-    let columns: &[&str] = if q.principal.is_some() { &["principal_id", "principal_name"] } else { &["-"] };
-    let mut rows: Vec<(i64, i64, i64, u32)> = Vec::new();
-    let mut limit = 0;
-    for column in columns {
-        let (sql, args, l) = query_sql(q, cursor_time, column);
-        limit = l;
-        let mut stmt = conn.prepare_cached(&sql).map_err(err)?;
-        let found = stmt
-            .query_map(rusqlite::params_from_iter(args), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-            .map_err(err)?;
-        for row in found {
-            rows.push(row.map_err(err)?);
+/// A posting's members (None: every record of the block).
+fn decode_members(blob: &[u8]) -> Option<Vec<u16>> {
+    (!blob.is_empty()).then(|| blob.chunks_exact(2).map(|m| u16::from_le_bytes([m[0], m[1]])).collect())
+}
+
+/// Both sorted member lists' common members (None: every record).
+fn intersect(a: Option<Vec<u16>>, b: Option<Vec<u16>>) -> Option<Vec<u16>> {
+    match (a, b) {
+        (None, other) | (other, None) => other,
+        (Some(a), Some(b)) => {
+            let (mut i, mut j, mut out) = (0, 0, Vec::new());
+            while i < a.len() && j < b.len() {
+                match a[i].cmp(&b[j]) {
+                    std::cmp::Ordering::Less => i += 1,
+                    std::cmp::Ordering::Greater => j += 1,
+                    std::cmp::Ordering::Equal => {
+                        out.push(a[i]);
+                        i += 1;
+                        j += 1;
+                    }
+                }
+            }
+            Some(out)
         }
     }
-    if columns.len() > 1 {
-        rows.sort_by_key(|(t, seq, _, _)| (*t, *seq));
-        rows.dedup_by_key(|(_, seq, _, _)| *seq);
-    }
-    let more = rows.len() > limit;
-    rows.truncate(limit);
-    let next = if more { rows.last().map(|(_, seq, _, _)| *seq as u64) } else { None };
+}
+
+/// Whether a record's columns pass the filters of `q` (not its cursor).
+pub(crate) fn filters_match(c: &Cols, q: &AuditQuery) -> bool {
+    let is = |have: Option<&str>, want: &Option<String>| {
+        want.as_ref().is_none_or(|w| have.is_some_and(|h| h == w.to_lowercase()))
+    };
+    let principal = q.principal.as_ref().is_none_or(|p| {
+        let p = p.to_lowercase();
+        c.principal_id.as_deref() == Some(p.as_str()) || c.principal_name.as_deref() == Some(p.as_str())
+    });
+    principal
+        && is(c.vault.as_deref(), &q.vault)
+        && is(c.secret.as_deref(), &q.secret)
+        && is(Some(&c.operation), &q.operation)
+        && q.result.is_none_or(|r| c.result == r.result_type().to_lowercase())
+        && q.since.is_none_or(|t| c.time_us >= unix_us(t))
+        && q.until.is_none_or(|t| c.time_us < unix_us(t))
+}
+
+/// Runs `q` on the index and reads the matching lines from the files in `dir`. Each record
+/// read is checked against the filters (a term is a hash: see the schema).
+pub(crate) fn query(conn: &Connection, dir: &Path, q: &AuditQuery) -> Result<AuditPage, AuditError> {
+    let (found, more) = find(conn, q).map_err(|e| AuditError::Query(e.to_string()))?;
+    let next = if more { found.last().map(|(seq, _, _)| *seq) } else { None };
     let mut lines = LineReader::new(dir);
-    let mut records = Vec::with_capacity(rows.len());
-    for (_, seq, offset, len) in rows {
-        records.push(lines.read(seq as u64, offset as u64, len)?);
+    let mut records = Vec::with_capacity(found.len());
+    for (seq, offset, len) in found {
+        let record = lines.read(seq, offset, len)?;
+        if cols(&record).is_some_and(|c| filters_match(&c, q)) {
+            records.push(record);
+        }
     }
     Ok(AuditPage { records, next })
 }
@@ -411,101 +615,175 @@ mod tests {
     use crate::AuditResult;
     use std::time::{Duration, UNIX_EPOCH};
 
-    fn plan(conn: &Connection, q: &AuditQuery) -> Vec<String> {
-        plan_for(conn, q, "principal_id")
-    }
-
-    fn plan_for(conn: &Connection, q: &AuditQuery, principal_column: &str) -> Vec<String> {
-        let cursor_time = q.after.map(|a| 1_000_000 * a as i64);
-        let (sql, args, _) = query_sql(q, cursor_time, principal_column);
-        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-        let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3)).unwrap();
-        rows.map(Result::unwrap).collect()
-    }
-
-    /// Every filter is answered through an index (or the primary key): no line of the plan
-    /// scans the table.
+    /// Every statement a query runs is a lookup or range read of a primary key or index.
     #[test]
-    fn every_filter_uses_an_index() {
+    fn every_query_statement_reads_an_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(&dir.path().join("index.sqlite")).unwrap();
+        let statements = [
+            SQL_PRUNED,
+            SQL_BLOCK_OF,
+            SQL_SINCE,
+            SQL_BLOCKS_FROM,
+            SQL_POSTINGS_FROM,
+            SQL_POSTING,
+            SQL_BLOCK,
+            SQL_RECORDS,
+        ];
+        for sql in statements {
+            let mut stmt = index.conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let params = stmt.parameter_count();
+            let args: Vec<i64> = vec![1; params];
+            let plan: Vec<String> = stmt
+                .query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            let text = plan.join(" | ");
+            assert!(plan.iter().all(|l| l.starts_with("SEARCH")), "{sql}: {text}");
+            assert!(!text.contains("TEMP B-TREE"), "{sql}: sorts: {text}");
+        }
+    }
+
+    /// A small deterministic generator (the test must not depend on a seed-less RNG).
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    fn row(seq: u64, rng: &mut Lcg) -> IndexRow {
+        let p = rng.next(5);
+        IndexRow {
+            seq,
+            cols: Cols {
+                // Mostly increasing, with jitter: times are not in seq order.
+                time_us: 1_000 * seq as i64 + rng.next(5_000) as i64,
+                principal_id: (p < 4).then(|| format!("id-{p}")),
+                // Principal 3's display name is principal 0's id; principal 2's name equals its id.
+                principal_name: (p < 4).then(|| match p {
+                    3 => "id-0".into(),
+                    2 => "id-2".into(),
+                    _ => format!("name-{p}"),
+                }),
+                vault: (rng.next(10) > 0).then(|| format!("v{}", rng.next(3))),
+                secret: (rng.next(10) > 1).then(|| format!("s{}", rng.next(300))),
+                operation: ["secretget", "secretset", "secretlist", "secretpurge"][rng.next(4) as usize]
+                    .into(),
+                result: ["success", "denied", "failed"][rng.next(3) as usize].into(),
+            },
+            offset: seq * 10,
+            len: (seq % 100) as u32,
+            hash: [(seq % 251) as u8; 32],
+        }
+    }
+
+    fn matches(r: &IndexRow, q: &AuditQuery, floor: u64) -> bool {
+        r.seq > floor && filters_match(&r.cols, q)
+    }
+
+    /// Pages through `q` and checks every page against a filter over all rows.
+    fn check(conn: &Connection, rows: &[IndexRow], q: AuditQuery, floor: u64) {
+        let floor = floor.max(q.after.unwrap_or(0));
+        let want: Vec<u64> = rows.iter().filter(|r| matches(r, &q, floor)).map(|r| r.seq).collect();
+        let mut got = Vec::new();
+        let mut after = q.after;
+        loop {
+            let (page, more) = find(conn, &AuditQuery { after, ..q.clone() }).unwrap();
+            for (seq, offset, len) in &page {
+                assert_eq!((*offset, *len), (seq * 10, (seq % 100) as u32), "line of {seq}");
+            }
+            got.extend(page.iter().map(|(seq, _, _)| *seq));
+            if !more {
+                break;
+            }
+            assert_eq!(page.len(), q.limit, "a page before the last is full");
+            after = page.last().map(|(seq, _, _)| *seq);
+        }
+        assert_eq!(got, want, "{q:?}");
+    }
+
+    #[test]
+    fn queries_find_exactly_the_matching_records_across_blocks_in_seq_order() {
         let dir = tempfile::tempdir().unwrap();
         let mut index = Index::open(&dir.path().join("index.sqlite")).unwrap();
-        let rows: Vec<IndexRow> = (1..=500u64)
-            .map(|seq| IndexRow {
-                seq,
-                cols: Cols {
-                    time_us: 1_000_000 * seq as i64,
-                    principal_id: Some(format!("p{}", seq % 7)),
-                    principal_name: Some(format!("name{}", seq % 7)),
-                    vault: Some(format!("v{}", seq % 3)),
-                    secret: Some(format!("s{}", seq % 50)),
-                    operation: ["secretget", "secretset", "secretlist"][seq as usize % 3].into(),
-                    result: ["success", "denied", "failed"][seq as usize % 3].into(),
-                },
-                offset: 0,
-                len: 0,
-                hash: [0; 32],
-            })
-            .collect();
-        index.commit(&rows, None).unwrap();
-        let conn = &index.conn;
-        let t = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
-        let base = AuditQuery::default();
-        let cases: Vec<(&str, AuditQuery, &str)> = vec![
-            ("none", base.clone(), "records_time"),
-            ("after", AuditQuery { after: Some(10), ..base.clone() }, "records_time"),
-            ("since", AuditQuery { since: Some(t(100)), ..base.clone() }, "records_time"),
-            ("until", AuditQuery { until: Some(t(100)), ..base.clone() }, "records_time"),
-            (
-                "range",
-                AuditQuery { since: Some(t(10)), until: Some(t(100)), after: Some(20), ..base.clone() },
-                "records_time",
-            ),
-            (
-                "principal",
-                AuditQuery { principal: Some("P1".into()), ..base.clone() },
-                "records_principal_id",
-            ),
-            (
-                "secret",
-                AuditQuery { secret: Some("S1".into()), after: Some(3), ..base.clone() },
-                "records_secret",
-            ),
-            ("vault", AuditQuery { vault: Some("v1".into()), ..base.clone() }, "records_vault"),
-            (
-                "operation",
-                AuditQuery { operation: Some("SecretGet".into()), ..base.clone() },
-                "records_operation",
-            ),
-            ("result", AuditQuery { result: Some(AuditResult::Denied), ..base.clone() }, "records_result"),
-            (
-                "secret+time",
-                AuditQuery {
-                    secret: Some("s1".into()),
-                    since: Some(t(1)),
-                    until: Some(t(400)),
-                    ..base.clone()
-                },
-                "records_secret (secret=? AND time_us>? AND time_us<?)",
-            ),
-        ];
-        for (name, q, expect) in cases {
-            let plan = plan(conn, &q);
-            let text = plan.join(" | ");
-            eprintln!("{name:12} {text}");
-            assert!(text.contains(expect), "{name}: expected {expect} in plan: {text}");
-            assert!(
-                plan.iter()
-                    .all(|l| !l.starts_with("SCAN records") || l.contains("USING") && l.contains("INDEX")),
-                "{name}: table scan in plan: {text}"
-            );
-            assert!(plan.iter().any(|l| l.contains("USING INDEX")), "{name}: no index in plan: {text}");
-            assert!(!text.contains("TEMP B-TREE"), "{name}: sorts in plan: {text}");
-            // And the statement itself runs (the lines are not in files here).
-            let (sql, args, _) = query_sql(&q, q.after.map(|a| 1_000_000 * a as i64), "principal_id");
-            conn.prepare(&sql).unwrap().query(rusqlite::params_from_iter(args)).unwrap().next().unwrap();
+        let mut rng = Lcg(7);
+        let rows: Vec<IndexRow> = (1..=12_000).map(|seq| row(seq, &mut rng)).collect();
+        // Commits of uneven sizes: single records, ordinary batches, and more than a block.
+        let mut at = 0;
+        for size in [1, 1, 5, 700, BLOCK_MAX + 300, 2 * BLOCK_MAX + 1, 13, 4000].into_iter().cycle() {
+            let end = (at + size).min(rows.len());
+            index.commit(&rows[at..end], None).unwrap();
+            // Re-sent rows (a reindex overlapping the index) are ignored.
+            index.commit(&rows[at.saturating_sub(3)..end], None).unwrap();
+            at = end;
+            if at == rows.len() {
+                break;
+            }
         }
-        let principal_plan =
-            plan_for(conn, &AuditQuery { principal: Some("x".into()), ..base }, "principal_name").join(" | ");
-        assert!(principal_plan.contains("records_principal_name"), "{principal_plan}");
+        let blocks: i64 = index.conn.query_row("SELECT COUNT(*) FROM blocks", [], |r| r.get(0)).unwrap();
+        assert!(blocks >= 8, "{blocks} blocks: blocks split at BLOCK_MAX");
+        let t = |ms: u64| UNIX_EPOCH + Duration::from_micros(ms * 1000);
+        let q = |limit| AuditQuery { limit, ..Default::default() };
+        let queries = |floor_cases: bool| {
+            let mut v = vec![
+                q(1000),
+                AuditQuery { principal: Some("ID-0".into()), ..q(97) },
+                AuditQuery { principal: Some("name-1".into()), ..q(50) },
+                AuditQuery { principal: Some("id-2".into()), ..q(1000) },
+                AuditQuery { vault: Some("v1".into()), ..q(333) },
+                AuditQuery { secret: Some("S17".into()), ..q(3) },
+                AuditQuery { secret: Some("s17".into()), operation: Some("SecretGet".into()), ..q(2) },
+                AuditQuery { operation: Some("secretpurge".into()), ..q(500) },
+                AuditQuery { result: Some(AuditResult::Denied), ..q(1000) },
+                AuditQuery { result: Some(AuditResult::Allowed), vault: Some("v2".into()), ..q(1000) },
+                AuditQuery { since: Some(t(5_000)), until: Some(t(5_300)), ..q(40) },
+                AuditQuery { secret: Some("s5".into()), since: Some(t(2_000)), ..q(10) },
+                AuditQuery { until: Some(t(100)), ..q(7) },
+                AuditQuery { secret: Some("no-such-secret".into()), ..q(10) },
+                AuditQuery {
+                    principal: Some("id-1".into()),
+                    vault: Some("v0".into()),
+                    secret: Some("s9".into()),
+                    result: Some(AuditResult::Allowed),
+                    ..q(5)
+                },
+            ];
+            if floor_cases {
+                v.push(AuditQuery { after: Some(4_500), ..q(1000) });
+                v.push(AuditQuery { after: Some(9_000), principal: Some("id-0".into()), ..q(100) });
+            }
+            v
+        };
+        for query in queries(true) {
+            check(&index.conn, &rows, query, 0);
+        }
+        assert_eq!(time_of(&index.conn, 4_444).unwrap(), Some(rows[4_443].cols.time_us));
+        assert_eq!(hash_of(&index.conn, 4_444), Some(vec![(4_444 % 251) as u8; 32]));
+        assert_eq!(hash_of(&index.conn, 12_001), None);
+
+        // Retention: records through 5,000 are forgotten, whole blocks are deleted with their
+        // postings, and the block that straddles 5,000 keeps only its later records.
+        index.commit(&[], Some(5_000)).unwrap();
+        for query in queries(false) {
+            check(&index.conn, &rows, query, 5_000);
+        }
+        let stale: i64 = index
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM postings WHERE block NOT IN (SELECT first_seq FROM blocks)",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(stale, 0, "postings of deleted blocks");
+        assert_eq!(time_of(&index.conn, 10).unwrap(), None);
+        // And the index reopens where it was.
+        drop(index);
+        let index = Index::open(&dir.path().join("index.sqlite")).unwrap();
+        assert_eq!(index.max_seq().unwrap(), Some(12_000));
+        check(&index.conn, &rows, AuditQuery { secret: Some("s1".into()), ..q(20) }, 5_000);
     }
 }

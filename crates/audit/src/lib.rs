@@ -249,7 +249,7 @@ pub struct AuditQuery {
     pub result: Option<AuditResult>,
     /// Page size: 0 means 100; capped at 1000.
     pub limit: usize,
-    /// Cursor: only records after the record with this `seq` in (time, seq) order; pass the
+    /// Cursor: only records after the record with this `seq` (results are in seq order); pass the
     /// previous page's [`AuditPage::next`].
     pub after: Option<u64>,
 }
@@ -441,7 +441,7 @@ impl AuditLog {
         self.inner.stats.snapshot()
     }
 
-    /// Answers from the index (SQLite, indexed columns), never a scan of all records, and reads
+    /// Answers from the index (SQLite postings over blocks of records), never a scan of all records, and reads
     /// the matching lines from the files. Sees every record acknowledged before the call.
     pub async fn query(&self, q: AuditQuery) -> Result<AuditPage, AuditError> {
         let (ack, synced) = oneshot::channel();

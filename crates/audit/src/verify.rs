@@ -775,11 +775,7 @@ impl Walker {
     fn locate(&self, records: &[(u64, u64, String)]) -> Option<(u64, u64)> {
         let conn = self.index.as_ref()?;
         for (seq, line, text) in records {
-            let copy: Option<Vec<u8>> = conn
-                .query_row("SELECT hash FROM records WHERE seq = ?1", [*seq as i64], |r| r.get(0))
-                .optional()
-                .ok()
-                .flatten();
+            let copy = crate::index::hash_of(conn, *seq);
             let stored = unseal(text.as_bytes(), "hash", is_lower_hex).and_then(|(_, h)| hex::decode(h).ok());
             if copy.is_none() || copy != stored {
                 return Some((*seq, *line));

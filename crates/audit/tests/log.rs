@@ -696,13 +696,32 @@ async fn a_head_kept_in_the_index_by_an_older_version_moves_to_the_head_file() {
     fs::remove_file(dir.join("head")).unwrap();
     let conn = rusqlite::Connection::open(dir.join("index.sqlite")).unwrap();
     conn.execute("INSERT INTO meta (key, value) VALUES ('head', ?1)", [&head]).unwrap();
+    // And its index schema (3): one row per record, names interned; no blocks.
+    conn.execute_batch(
+        "DROP TABLE blocks; DROP TABLE block_records; DROP TABLE postings;
+         CREATE TABLE names (id INTEGER PRIMARY KEY, text TEXT NOT NULL UNIQUE);
+         CREATE TABLE records (seq INTEGER PRIMARY KEY, time_us INTEGER NOT NULL);
+         INSERT INTO records VALUES (1, 0), (2, 0);
+         PRAGMA user_version = 3;",
+    )
+    .unwrap();
     drop(conn);
     let report = verify(dir, &pem);
     assert!(report.ok, "{}", show(&report));
     {
         let log = AuditLog::open(config(dir, &key)).unwrap();
         assert_eq!(log.record(event(6)).await.unwrap(), 6);
+        // The old rows are gone and every record is found again (rebuilt from the files).
+        assert_eq!(seqs(&query_all(&log, AuditQuery::default()).await), [1, 2, 3, 4, 5, 6]);
+        let secret = AuditQuery { secret: Some(event(4).resource.secret.unwrap()), ..Default::default() };
+        assert!(seqs(&query_all(&log, secret).await).contains(&4));
     }
+    let conn = rusqlite::Connection::open(dir.join("index.sqlite")).unwrap();
+    let old: i64 = conn
+        .query_row("SELECT COUNT(*) FROM sqlite_master WHERE name IN ('records', 'names')", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(old, 0, "the old tables are dropped");
+    drop(conn);
     assert!(fs::read_to_string(dir.join("head")).unwrap().contains("\"type\":\"head\""));
     let conn = rusqlite::Connection::open(dir.join("index.sqlite")).unwrap();
     let left: i64 = conn.query_row("SELECT COUNT(*) FROM meta WHERE key = 'head'", [], |r| r.get(0)).unwrap();
