@@ -57,6 +57,45 @@ fn head_line(signer: &Signer, h: &HeadState) -> Vec<u8> {
 }
 type Pending = (Encoded, event::Cols);
 
+/// Group commit pacing (see [`crate::AuditConfig::pace`]): whether the writer is pacing, and since when
+/// the next commit may start.
+///
+/// Why: on a busy log every commit's fsync and head signature cost the same whatever the batch
+/// size, so waiting a little for more records to join saves CPU for the requests; when few
+/// requests are in flight the wait would only add latency.
+pub(crate) struct Pacer {
+    interval: Duration,
+    busy: bool,
+    last_start: Instant,
+}
+
+impl Pacer {
+    /// A batch larger than this starts pacing …
+    const START_BATCH: usize = 16;
+    /// … and one smaller than this stops it.
+    const STOP_BATCH: usize = 8;
+
+    pub(crate) fn new(interval: Duration) -> Self {
+        Self { interval, busy: false, last_start: Instant::now() }
+    }
+
+    /// Until when a commit with records waiting should wait for more, if at all.
+    pub(crate) fn hold_until(&self, now: Instant) -> Option<Instant> {
+        let due = self.last_start + self.interval;
+        (self.busy && now < due).then_some(due)
+    }
+
+    /// A commit of `records` records starts now.
+    pub(crate) fn started(&mut self, records: usize, now: Instant) {
+        self.last_start = now;
+        if self.interval.is_zero() || records < Self::STOP_BATCH {
+            self.busy = false;
+        } else if records > Self::START_BATCH {
+            self.busy = true;
+        }
+    }
+}
+
 /// When a batch writes a checkpoint.
 enum CpWant {
     /// When `checkpoint_every` records or `checkpoint_interval` have passed (and there are new
@@ -77,6 +116,7 @@ pub(crate) struct Writer {
     checkpoint_every: u64,
     checkpoint_interval: Duration,
     max_batch: usize,
+    pacer: Pacer,
     signer: Arc<Signer>,
     /// The index while opening; then owned by the index thread, fed through `to_index`.
     index: Option<Index>,
@@ -357,6 +397,7 @@ impl Writer {
             checkpoint_every: cfg.checkpoint_every,
             checkpoint_interval: cfg.checkpoint_interval,
             max_batch: cfg.max_batch,
+            pacer: Pacer::new(cfg.pace),
             signer: Arc::new(signer),
             index: Some(index),
             to_index: None,
@@ -1096,9 +1137,24 @@ impl Writer {
             while !closed && records.len() < self.max_batch {
                 match rx.try_recv() {
                     Ok(msg) => take(msg, &mut records, &mut waiters, &mut stop, self.to_index.as_ref()),
-                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Empty) => {
+                        // Checkpoint requests and shutdown do not wait.
+                        let hold = if records.is_empty() || !waiters.is_empty() || stop {
+                            None
+                        } else {
+                            self.pacer.hold_until(Instant::now())
+                        };
+                        match hold {
+                            // Sleeping (not blocking on the channel) also spares senders a wake-up.
+                            Some(due) => std::thread::sleep(due.saturating_duration_since(Instant::now())),
+                            None => break,
+                        }
+                    }
                     Err(TryRecvError::Disconnected) => closed = true,
                 }
+            }
+            if !records.is_empty() {
+                self.pacer.started(records.len(), Instant::now());
             }
             if !records.is_empty() || !waiters.is_empty() || closed {
                 let want = if waiters.is_empty() && !closed { CpWant::Auto } else { CpWant::IfNew };
@@ -1143,5 +1199,37 @@ impl Writer {
             }
             self.maintenance();
         }
+    }
+}
+
+#[cfg(test)]
+mod pacer_tests {
+    use super::Pacer;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn pacing_starts_with_busy_commits_and_stops_with_quiet_ones() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut p = Pacer::new(ms(2));
+        // Light and moderate concurrency: never held.
+        for records in [1, 2, 8, 16] {
+            p.started(records, t0);
+            assert_eq!(p.hold_until(t0), None, "batch of {records}");
+        }
+        // A busy commit: the next one waits until 2 ms after it began, and no longer.
+        p.started(17, t0);
+        assert_eq!(p.hold_until(t0 + ms(1)), Some(t0 + ms(2)));
+        assert_eq!(p.hold_until(t0 + ms(2)), None);
+        // Batches of 8 to 16 keep pacing (hysteresis) …
+        p.started(8, t0 + ms(2));
+        assert_eq!(p.hold_until(t0 + ms(3)), Some(t0 + ms(4)));
+        // … one of fewer than 8 stops it.
+        p.started(7, t0 + ms(4));
+        assert_eq!(p.hold_until(t0 + ms(4)), None);
+        // Zero turns pacing off.
+        let mut off = Pacer::new(Duration::ZERO);
+        off.started(500, t0);
+        assert_eq!(off.hold_until(t0), None);
     }
 }
