@@ -762,22 +762,28 @@ impl Writer {
     /// the index commit, or a rebuilt index), then writes the head.
     fn reindex(&mut self, rotated: &[(u64, u64, PathBuf)]) -> Result<(), AuditError> {
         let above = self.index_mut().max_seq()?.unwrap_or(0).max(self.pruned_through);
-        let mut rows = Vec::new();
         if above < self.last_seq {
+            // File by file, one commit each: memory stays within one file's rows however long
+            // the history (a rebuilt index after an upgrade reads all of it).
+            let mut rebuilt = 0;
             for (_, last, path) in rotated {
                 if *last > above {
                     let bytes = fs::read(path).map_err(|e| io_err("read", path, e))?;
-                    rows.extend(rows_from(&bytes, above));
+                    let rows = rows_from(&bytes, above);
+                    rebuilt += rows.len();
+                    self.index_mut().commit(&rows, None)?;
+                    tracing::info!(rows = rebuilt, file = %path.display(), "audit: rebuilding index rows from the files");
                 }
             }
             let active = self.dir.join(ACTIVE);
             let bytes = fs::read(&active).map_err(|e| io_err("read", &active, e))?;
-            rows.extend(rows_from(&bytes[..self.len as usize], above));
-            if !rows.is_empty() {
-                tracing::info!(rows = rows.len(), "audit: index rows rebuilt from the files");
+            let rows = rows_from(&bytes[..self.len as usize], above);
+            rebuilt += rows.len();
+            self.index_mut().commit(&rows, None)?;
+            if rebuilt > 0 {
+                tracing::info!(rows = rebuilt, "audit: index rows rebuilt from the files");
             }
         }
-        self.index_mut().commit(&rows, None)?;
         self.write_head()
     }
 
