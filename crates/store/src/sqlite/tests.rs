@@ -475,3 +475,48 @@ mod group_commit {
         assert_eq!(store.meta("abandoned").await.unwrap(), Some(vec![2]));
     }
 }
+
+/// Every connection keeps its own page cache: another connection's page churn (the audit index
+/// thread's commits, on another database) must not evict a store reader's pages. The bundled
+/// SQLite shares one LRU across connections when built with SQLITE_ENABLE_MEMORY_MANAGEMENT;
+/// `.cargo/config.toml` undefines it.
+#[test]
+fn a_connection_keeps_its_cached_pages_while_another_churns() {
+    use rusqlite::ffi;
+    let dir = tempfile::tempdir().unwrap();
+    let fill = |path: &std::path::Path, rows: u32| {
+        let c = Connection::open(path).unwrap();
+        c.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL; CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {rows})
+             INSERT INTO t SELECT i, zeroblob(3000) FROM n;"
+        ))
+        .unwrap();
+        c
+    };
+    let read_all = |c: &Connection| {
+        c.query_row("SELECT sum(length(v)) FROM t", [], |r| r.get::<_, i64>(0)).unwrap();
+    };
+    // Cache misses since the last call (and resets the counter).
+    let misses = |c: &Connection| {
+        let (mut current, mut high) = (0, 0);
+        // SAFETY: a valid open handle, and out-pointers to live locals.
+        let rc = unsafe {
+            ffi::sqlite3_db_status(c.handle(), ffi::SQLITE_DBSTATUS_CACHE_MISS, &mut current, &mut high, 1)
+        };
+        assert_eq!(rc, ffi::SQLITE_OK);
+        current
+    };
+    // 200 pages: well within one connection's default cache (2 MiB).
+    let reader = Connection::open(dir.path().join("a.db")).unwrap();
+    drop(fill(&dir.path().join("a.db"), 200));
+    read_all(&reader);
+    misses(&reader);
+    read_all(&reader);
+    assert_eq!(misses(&reader), 0, "a warm read misses nothing");
+    // Another connection reads 5,000 pages of another database.
+    let other = fill(&dir.path().join("b.db"), 5000);
+    read_all(&other);
+    read_all(&reader);
+    assert_eq!(misses(&reader), 0, "another connection's reads evicted this one's pages");
+}
