@@ -12,7 +12,7 @@ use crate::Connection;
 
 #[derive(Subcommand)]
 pub enum AuditCommand {
-    /// Query the audit log (answered from its index), newest filters first.
+    /// Query the audit log (answered from its index), in log order: oldest record first.
     Query {
         /// From this time (RFC 3339 or Unix seconds).
         #[arg(long)]
