@@ -57,8 +57,8 @@ fn head_line(signer: &Signer, h: &HeadState) -> Vec<u8> {
 }
 type Pending = (Encoded, event::Cols);
 
-/// Group commit pacing (see [`crate::AuditConfig::pace`]): whether the writer is pacing, and since when
-/// the next commit may start.
+/// Group commit pacing (see [`crate::AuditConfig::pace`]): whether the writer is pacing, and
+/// since when the next commit may start.
 ///
 /// Why: on a busy log every commit's fsync and head signature cost the same whatever the batch
 /// size, so waiting a little for more records to join saves CPU for the requests; when few
@@ -173,17 +173,22 @@ fn open_append(path: &Path) -> io::Result<File> {
     OpenOptions::new().append(true).open(path)
 }
 
-fn lock_dir(dir: &Path) -> Result<File, AuditError> {
-    use std::os::unix::io::AsRawFd;
-    let path = dir.join(LOCK);
-    let f = OpenOptions::new()
+/// Opens `path` for reading and writing, creating it (0600) if missing, never truncating.
+fn open_private(path: &Path) -> Result<File, AuditError> {
+    OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
-        .open(&path)
-        .map_err(|e| io_err("open", &path, e))?;
+        .open(path)
+        .map_err(|e| io_err("open", path, e))
+}
+
+fn lock_dir(dir: &Path) -> Result<File, AuditError> {
+    use std::os::unix::io::AsRawFd;
+    let path = dir.join(LOCK);
+    let f = open_private(&path)?;
     // SAFETY: flock on a valid, owned file descriptor.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = io::Error::last_os_error();
@@ -367,15 +372,7 @@ impl Writer {
             .map_err(|e| io_err("create", &dir, e))?;
         let lock = lock_dir(&dir)?;
         let index = Index::open(&dir.join(INDEX))?;
-        let head_path = dir.join(HEAD);
-        let head_file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&head_path)
-            .map_err(|e| io_err("open", &head_path, e))?;
+        let head_file = open_private(&dir.join(HEAD))?;
         let active = dir.join(ACTIVE);
         let tmp = dir.join(ACTIVE_TMP);
 
