@@ -8,7 +8,7 @@
 //! page is written once per commit instead of once per fsync. The index is rebuildable from the
 //! files (open re-adds missing rows), so its lag costs nothing after a crash.
 
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -41,8 +41,6 @@ struct Pending {
     delete_through: Option<u64>,
     /// When the oldest uncommitted change arrived.
     since: Option<Instant>,
-    /// When the newest one arrived.
-    last: Option<Instant>,
 }
 
 impl Pending {
@@ -53,14 +51,7 @@ impl Pending {
             self.rows.extend(rows);
         }
         self.delete_through = self.delete_through.max(delete_through);
-        let now = Instant::now();
-        self.since.get_or_insert(now);
-        self.last = Some(now);
-    }
-
-    /// When the pending changes must be committed.
-    fn due_at(&self) -> Option<Instant> {
-        Some((self.since? + INDEX_LAG).min(self.last? + INDEX_QUIET))
+        self.since.get_or_insert_with(Instant::now);
     }
 
     fn commit(&mut self, index: &mut Index) -> Result<(), AuditError> {
@@ -79,32 +70,33 @@ pub(crate) fn run(mut index: Index, rx: Receiver<IndexMsg>) {
     loop {
         let mut waiters: Vec<SyncAck> = Vec::new();
         let mut stop = false;
-        let first = match pending.due_at() {
-            None => rx.recv().ok(),
-            Some(due) => match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
-                Ok(msg) => Some(msg),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => {
-                    stop = true;
-                    None
-                }
-            },
-        };
-        fn take(msg: IndexMsg, pending: &mut Pending, waiters: &mut Vec<SyncAck>, stop: &mut bool) {
-            match msg {
-                IndexMsg::Rows { rows, delete_through } => pending.add(rows, delete_through),
-                IndexMsg::Sync(ack) => waiters.push(ack),
-                IndexMsg::Stop => *stop = true,
+        let mut arrived = false;
+        let mut take = |msg: IndexMsg, pending: &mut Pending, waiters: &mut Vec<SyncAck>| match msg {
+            IndexMsg::Rows { rows, delete_through } => {
+                pending.add(rows, delete_through);
+                arrived = true;
             }
-        }
-        match first {
-            Some(msg) => take(msg, &mut pending, &mut waiters, &mut stop),
-            None if pending.since.is_none() => stop = true, // channel closed while idle
-            None => {}
+            IndexMsg::Sync(ack) => waiters.push(ack),
+            IndexMsg::Stop => stop = true,
+        };
+        match pending.since {
+            // Idle: wait for work.
+            None => match rx.recv() {
+                Ok(msg) => take(msg, &mut pending, &mut waiters),
+                Err(_) => return, // the writer is gone and nothing is pending
+            },
+            // Changes pending: sleep instead of waking for every message (one per group commit),
+            // then take what came meanwhile. A query's sync waits at most INDEX_QUIET for it.
+            Some(since) => {
+                let lag_end = since + INDEX_LAG;
+                // After a failure, the retry waits a whole lag period.
+                let wake = if failing { lag_end } else { lag_end.min(Instant::now() + INDEX_QUIET) };
+                std::thread::sleep(wake.saturating_duration_since(Instant::now()));
+            }
         }
         loop {
             match rx.try_recv() {
-                Ok(msg) => take(msg, &mut pending, &mut waiters, &mut stop),
+                Ok(msg) => take(msg, &mut pending, &mut waiters),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     stop = true;
@@ -112,7 +104,13 @@ pub(crate) fn run(mut index: Index, rx: Receiver<IndexMsg>) {
                 }
             }
         }
-        let due = stop || !waiters.is_empty() || pending.due_at().is_some_and(|t| Instant::now() >= t);
+        // Commit when asked to, when the oldest change has waited INDEX_LAG, or when a sleep of
+        // INDEX_QUIET brought nothing new (the load paused).
+        let quiet = pending.since.is_some() && !arrived && !failing;
+        let due = stop
+            || !waiters.is_empty()
+            || quiet
+            || pending.since.is_some_and(|t| Instant::now() >= t + INDEX_LAG);
         let result = if due { pending.commit(&mut index) } else { Ok(()) };
         match &result {
             Ok(()) if failing => {
@@ -130,7 +128,6 @@ pub(crate) fn run(mut index: Index, rx: Receiver<IndexMsg>) {
                 failing = true;
                 // Retry after another lag period rather than spinning.
                 pending.since = Some(Instant::now());
-                pending.last = Some(Instant::now() + INDEX_LAG);
             }
         }
         for ack in waiters {
