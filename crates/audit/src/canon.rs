@@ -103,17 +103,33 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
 
 /// RFC 3339, UTC, microseconds: `2024-05-01T12:00:00.123456Z`.
 pub(crate) fn rfc3339(t: SystemTime) -> String {
-    let dt = time::OffsetDateTime::from(t);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        dt.year(),
-        u8::from(dt.month()),
-        dt.day(),
-        dt.hour(),
-        dt.minute(),
-        dt.second(),
-        dt.microsecond()
-    )
+    let mut out = Vec::with_capacity(27);
+    write_rfc3339(&mut out, time::OffsetDateTime::from(t));
+    String::from_utf8(out).expect("digits and ASCII separators")
+}
+
+/// Appends `t` as [`rfc3339`] writes it (years 0 to 9999: callers check), without formatting
+/// machinery: it runs once per audit record.
+pub(crate) fn write_rfc3339(out: &mut Vec<u8>, t: time::OffsetDateTime) {
+    fn digits(out: &mut Vec<u8>, n: u32, width: u32) {
+        for i in (0..width).rev() {
+            out.push(b'0' + (n / 10u32.pow(i) % 10) as u8);
+        }
+    }
+    digits(out, t.year().clamp(0, 9999) as u32, 4);
+    out.push(b'-');
+    digits(out, u8::from(t.month()).into(), 2);
+    out.push(b'-');
+    digits(out, t.day().into(), 2);
+    out.push(b'T');
+    digits(out, t.hour().into(), 2);
+    out.push(b':');
+    digits(out, t.minute().into(), 2);
+    out.push(b':');
+    digits(out, t.second().into(), 2);
+    out.push(b'.');
+    digits(out, t.microsecond(), 6);
+    out.push(b'Z');
 }
 
 /// Parses the format written by [`rfc3339`] (and any RFC 3339 UTC time with `Z` and 0–9
@@ -170,6 +186,17 @@ pub(crate) fn from_unix_us(us: i64) -> SystemTime {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn rfc3339_round_trips_through_the_parser() {
+        for us in [0i64, 1, 999_999, 1_714_564_800_123_456, -1, -1_500_000, 253_402_300_799_999_999] {
+            let t = from_unix_us(us);
+            let text = rfc3339(t);
+            assert_eq!(text.len(), 27, "{text}");
+            assert_eq!(parse_rfc3339_us(&text), Some(us), "{text}");
+        }
+        assert_eq!(rfc3339(from_unix_us(1_714_564_800_123_456)), "2024-05-01T12:00:00.123456Z");
+    }
 
     #[test]
     fn canonical_sorts_keys_recursively() {

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::canon::{parse_rfc3339_us, rfc3339};
+use crate::canon::{parse_rfc3339_us, rfc3339, write_rfc3339};
 use crate::{AuditError, AuditEvent};
 
 /// Longest string kept in a record field, in bytes.
@@ -107,10 +107,14 @@ pub(crate) fn encode(e: &AuditEvent) -> Result<(Encoded, Cols), AuditError> {
     if e.operation.is_empty() {
         return Err(AuditError::InvalidEvent("operation is empty".into()));
     }
-    let time = rfc3339(e.time);
-    let time_us = parse_rfc3339_us(&time)
-        .ok_or_else(|| AuditError::InvalidEvent("the time is outside years 0..=9999".into()))?;
-    let o = &mut Vec::with_capacity(768);
+    let time = time::OffsetDateTime::from(e.time);
+    if !(0..=9999).contains(&time.year()) {
+        return Err(AuditError::InvalidEvent("the time is outside years 0..=9999".into()));
+    }
+    // Microseconds, rounded down as the written time is.
+    let time_us = i64::try_from(time.unix_timestamp_nanos().div_euclid(1000)).expect("years 0..=9999 fit");
+    // A record body is 700-1,000 bytes (more with long names): one allocation.
+    let o = &mut Vec::with_capacity(1024);
     o.push(b'{');
     key(o, "callerIpAddress", true);
     match e.client_ip {
@@ -209,7 +213,7 @@ pub(crate) fn encode(e: &AuditEvent) -> Result<(Encoded, Cols), AuditError> {
     num(o, e.status);
     key(o, "time", false);
     o.push(b'"');
-    o.extend_from_slice(time.as_bytes());
+    write_rfc3339(o, time);
     o.extend_from_slice(b"\"}");
 
     let lower = |s: &str| if s.len() <= MAX_FIELD_BYTES { s.to_lowercase() } else { cap(s).to_lowercase() };

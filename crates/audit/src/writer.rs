@@ -169,6 +169,10 @@ fn create_with(path: &Path, bytes: &[u8]) -> io::Result<File> {
     Ok(f)
 }
 
+fn hex_str(hex: &[u8; 64]) -> &str {
+    std::str::from_utf8(hex).expect("hex digits are ASCII")
+}
+
 fn open_append(path: &Path) -> io::Result<File> {
     OpenOptions::new().append(true).open(path)
 }
@@ -842,20 +846,26 @@ impl Writer {
         let start_len = self.len;
         let first = self.last_seq + 1;
         let mut seq = self.last_seq;
-        let mut hash = self.last_hash.clone();
+        // The chain hash in hex, without a String per record.
+        let mut hash: [u8; 64] = self.last_hash.as_bytes().try_into().map_err(|_| {
+            AuditError::Unavailable(format!(
+                "the chain's last hash is not a SHA-256 hex digest: {}",
+                self.last_hash
+            ))
+        })?;
         let mut buf = Vec::with_capacity(bodies.iter().map(|(b, _)| b.len() + 200).sum());
         let mut rows = Vec::with_capacity(bodies.len());
         for (body, cols) in bodies {
             seq += 1;
             let start = buf.len();
-            body.write_body(seq, &hash, &mut buf);
+            body.write_body(seq, hex_str(&hash), &mut buf);
             let digest = ring::digest::digest(&ring::digest::SHA256, &buf[start..]);
             let digest: [u8; 32] = digest.as_ref().try_into().expect("SHA-256 is 32 bytes");
-            hash = hex::encode(digest);
+            hex::encode_to_slice(digest, &mut hash).expect("64 hex digits for 32 bytes");
             // Seal: the body's closing brace becomes `,"hash":"<hex>"}`.
             buf.pop();
             buf.extend_from_slice(b",\"hash\":\"");
-            buf.extend_from_slice(hash.as_bytes());
+            buf.extend_from_slice(&hash);
             buf.extend_from_slice(b"\"}");
             let len = u32::try_from(buf.len() - start).expect("a record line is far below 4 GiB");
             rows.push(IndexRow { seq, cols, offset: start_len + start as u64, len, hash: digest });
@@ -875,6 +885,7 @@ impl Writer {
             }
             _ => None,
         };
+        let hash = hex_str(&hash).to_owned();
         let cp = cp_extra.map(|extra| self.checkpoint_line(self.cp_n + 1, seq, &hash, pruned, extra));
         if let Some(cp) = &cp {
             buf.extend_from_slice(cp);

@@ -63,6 +63,7 @@ async fn one_record_per_request_and_no_secret_material() {
         (vec!["secret", "show-deleted", "audited"], "SecretGetDeleted"),
         (vec!["secret", "recover", "audited"], "SecretRecover"),
     ];
+    let mut admin_hmacs = std::collections::BTreeSet::new();
     for (args, op) in &steps {
         let (ok, _, err) = cli(&server, args);
         assert!(ok, "{args:?}: {err}");
@@ -74,8 +75,12 @@ async fn one_record_per_request_and_no_secret_material() {
         assert_eq!(last["properties"]["secret"], "audited");
         assert_eq!(last["identity"]["displayName"], "coffer-admin");
         assert!(last["properties"]["grant"].as_str().unwrap().starts_with("Coffer Administrator"));
-        assert!(last["properties"]["credentialHmac"].as_str().unwrap().starts_with("hmac-sha256:"));
+        let hmac = last["properties"]["credentialHmac"].as_str().unwrap();
+        assert!(hmac.starts_with("hmac-sha256:"));
+        admin_hmacs.insert(hmac.to_owned());
     }
+    // One token (verified once, then cached): one keyed hash on all its requests.
+    assert_eq!(admin_hmacs.len(), 1, "{admin_hmacs:?}");
     assert_eq!(records(&audit_dir).len(), before + steps.len(), "exactly one record per request");
 
     // Admin API records name the assignment that allowed them too.
@@ -143,6 +148,12 @@ async fn one_record_per_request_and_no_secret_material() {
     );
     assert_eq!(forbidden["identity"]["displayName"], "nobody");
     assert!(forbidden["properties"]["denialReason"].as_str().unwrap().contains("getSecret"));
+    // Another token, another hash; the same token again (now from the cache), the same hash.
+    let sp_hmac = forbidden["properties"]["credentialHmac"].as_str().unwrap().to_owned();
+    assert!(!admin_hmacs.contains(&sp_hmac));
+    assert_eq!(http.get(&url).bearer_auth(&sp_token).send().await.unwrap().status(), 403);
+    let again = records(&audit_dir).last().unwrap().clone();
+    assert_eq!(again["properties"]["credentialHmac"].as_str(), Some(sp_hmac.as_str()));
 
     // No value, token, client secret or admin secret in any file under the data directory's
     // audit sinks, nor in the stdout sink (the server log captures stdout).
@@ -158,7 +169,7 @@ async fn one_record_per_request_and_no_secret_material() {
         cli(&server, &["audit", "query", "--secret", "audited", "--result", "denied", "-o", "json"]);
     assert!(ok);
     let found: Vec<Value> = serde_json::from_str(&out).unwrap();
-    assert_eq!(found.len(), 2, "the 401 and the 403 on 'audited'");
+    assert_eq!(found.len(), 3, "the 401 and the two 403s on 'audited'");
     server.kill9();
 
     // Records survive kill -9, and the untouched log verifies.

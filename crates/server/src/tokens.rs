@@ -3,7 +3,7 @@
 //! `aud`, `exp` and `nbf`, and requires `sub`.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use coffer_store::Store;
@@ -56,6 +56,29 @@ pub struct Claims {
     pub process: Option<coffer_core::identity::ProcessFacts>,
 }
 
+/// A verified token's claims, as the cache keeps them, with memos of what every request made
+/// with the same token would compute again.
+#[derive(Debug)]
+pub struct Verified {
+    pub claims: Claims,
+    /// The audit log's keyed hash of the token (see [`Verified::credential_hmac`]).
+    credential_hmac: OnceLock<String>,
+}
+
+impl Verified {
+    /// The audit record's hash of this token: `compute` runs for the first request only.
+    pub fn credential_hmac(&self, compute: impl FnOnce() -> String) -> String {
+        self.credential_hmac.get_or_init(compute).clone()
+    }
+}
+
+impl std::ops::Deref for Verified {
+    type Target = Claims;
+    fn deref(&self) -> &Claims {
+        &self.claims
+    }
+}
+
 struct KeySet {
     active_kid: String,
     signing_key: EncodingKey,
@@ -75,7 +98,7 @@ pub struct TokenAuthority {
     validation: Validation,
     /// Tokens whose signature and claims were verified already: a hit skips the ECDSA
     /// verification but still checks `exp`/`nbf` against the clock. Keyed by the whole token.
-    verified: RwLock<HashMap<Arc<str>, Arc<Claims>>>,
+    verified: RwLock<HashMap<Arc<str>, Arc<Verified>>>,
 }
 
 /// Bound on the verified-token cache; it is cleared when full (tokens are cheap to re-verify).
@@ -225,7 +248,7 @@ impl TokenAuthority {
     }
 
     /// Verifies every field of `token` and returns its claims.
-    pub fn verify(&self, token: &str) -> Result<Arc<Claims>, TokenError> {
+    pub fn verify(&self, token: &str) -> Result<Arc<Verified>, TokenError> {
         let cached = self.verified.read().expect("token cache lock poisoned").get(token).cloned();
         if let Some(claims) = cached {
             let now = unix_now();
@@ -237,7 +260,8 @@ impl TokenAuthority {
             }
             return Ok(claims);
         }
-        let claims = Arc::new(self.verify_uncached(token)?);
+        let claims =
+            Arc::new(Verified { claims: self.verify_uncached(token)?, credential_hmac: OnceLock::new() });
         let mut cache = self.verified.write().expect("token cache lock poisoned");
         if cache.len() >= VERIFIED_CACHE_MAX {
             cache.clear();
@@ -361,8 +385,8 @@ mod tests {
     async fn every_field_is_validated() {
         let (_d, ta) = authority().await;
         let (good, claims) = ta.issue("oid", 600);
-        assert_eq!(*ta.verify(&good).unwrap(), claims);
-        assert_eq!(*ta.verify(&good).unwrap(), claims, "a cached verification gives the same claims");
+        assert_eq!(ta.verify(&good).unwrap().claims, claims);
+        assert_eq!(ta.verify(&good).unwrap().claims, claims, "a cached verification gives the same claims");
 
         let keys = ta.keys();
         let kid = keys.active_kid.clone();
@@ -395,7 +419,7 @@ mod tests {
             ),
         ];
         for (token, expected) in cases {
-            assert_eq!(ta.verify(&token), Err(expected.clone()), "{expected:?}");
+            assert_eq!(ta.verify(&token).map(|v| v.claims.clone()), Err(expected.clone()), "{expected:?}");
         }
         // alg "none" and garbage.
         let unsigned = format!(
@@ -407,7 +431,7 @@ mod tests {
             base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, br#"{"sub":"oid"}"#)
         );
         assert!(ta.verify(&unsigned).is_err());
-        assert_eq!(ta.verify("garbage"), Err(TokenError::Malformed));
+        assert_eq!(ta.verify("garbage").map(|v| v.claims.clone()), Err(TokenError::Malformed));
     }
 
     #[tokio::test]

@@ -283,13 +283,16 @@ fn authenticate_inner(
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim())
         .ok_or_else(|| unauthorized("The Authorization header is not a Bearer token."))?;
+    let verified = state.tokens.verify(token);
     if let Some(audit) = &state.audit {
-        note.credential_hmac = Some(audit.hmac(token.as_bytes()));
+        let hmac = || audit.hmac(token.as_bytes());
+        note.credential_hmac = Some(match &verified {
+            // Once per token, not per request.
+            Ok(claims) => claims.credential_hmac(hmac),
+            Err(_) => hmac(),
+        });
     }
-    let claims = state
-        .tokens
-        .verify(token)
-        .map_err(|e| unauthorized(&format!("The access token is not valid: {e}.")))?;
+    let claims = verified.map_err(|e| unauthorized(&format!("The access token is not valid: {e}.")))?;
     note.agent = claims.agent.clone();
     note.process = claims.process.clone();
     // The directory snapshot is current: a disabled or deleted principal fails here on the
