@@ -7,8 +7,7 @@
 //! (`sqlite/checkpoint.rs`), not inside a commit.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use coffer_core::crypto::SealedValue;
@@ -21,6 +20,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 mod checkpoint;
 mod directory;
 mod events;
+mod readers;
 mod writer;
 
 use crate::{DeletedSecret, Result, SecretSummary, Store, StoreError, StoredVersion, VaultRecord};
@@ -75,8 +75,7 @@ CREATE INDEX versions_by_secret ON versions (secret_id, seq);
 pub struct SqliteStore {
     writer: writer::Writer,
     _checkpointer: checkpoint::Checkpointer,
-    readers: Vec<Mutex<Connection>>,
-    next_reader: AtomicUsize,
+    readers: Arc<readers::Readers>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -98,37 +97,20 @@ impl SqliteStore {
         writer.pragma_update(None, "wal_autocheckpoint", checkpoint::BACKSTOP_PAGES)?;
         // Every kind of write shares this connection; keep all their statements prepared.
         writer.set_prepared_statement_cache_capacity(64);
-        let readers = (0..READERS)
-            .map(|_| {
-                let conn = Connection::open(path)?;
-                configure(&conn)?;
-                Ok(Mutex::new(conn))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let readers = Arc::new(readers::Readers::open(path, READERS)?);
         Ok(Self {
-            writer: writer::Writer::start(writer)?,
-            _checkpointer: checkpoint::Checkpointer::start(path)?,
+            writer: writer::Writer::start(writer, readers.clone())?,
+            _checkpointer: checkpoint::Checkpointer::start(path, readers.clone())?,
             readers,
-            next_reader: AtomicUsize::new(0),
         })
     }
 
-    /// Runs a read on a free reader connection, inline on the calling task: reads are short
-    /// (indexed lookups served from the page cache), and a hop to the blocking pool would cost
-    /// more than the query on the hot path.
+    /// Runs a read on a reader connection (see `readers`).
     async fn read<R, F>(&self, f: F) -> Result<R>
     where
         F: FnOnce(&Connection) -> Result<R>,
     {
-        let readers = &self.readers;
-        let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
-        for i in 0..readers.len() {
-            if let Ok(conn) = readers[(start + i) % readers.len()].try_lock() {
-                return f(&conn);
-            }
-        }
-        let conn = readers[start % readers.len()].lock().map_err(backend)?;
-        f(&conn)
+        self.readers.read(f)
     }
 
     /// Deletes the row of `table` whose `id` is `id`; true if it existed.

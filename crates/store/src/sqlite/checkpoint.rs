@@ -9,11 +9,13 @@
 
 use std::path::Path;
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rusqlite::Connection;
 
+use super::readers::Readers;
 use super::{backend, configure};
 use crate::Result;
 
@@ -27,7 +29,7 @@ pub(super) struct Checkpointer {
 }
 
 impl Checkpointer {
-    pub(super) fn start(path: &Path) -> Result<Self> {
+    pub(super) fn start(path: &Path, readers: Arc<Readers>) -> Result<Self> {
         let conn = Connection::open(path)?;
         configure(&conn)?;
         let (stop, stopped) = mpsc::channel::<()>();
@@ -39,6 +41,9 @@ impl Checkpointer {
                     // Stopped, or the store is gone.
                     _ => return,
                 }
+                // Readers keep their snapshot between reads; none may pin the WAL for longer
+                // than an interval.
+                readers.release();
                 if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                     tracing::warn!(error = %e, "store: WAL checkpoint failed (will retry)");
                 }

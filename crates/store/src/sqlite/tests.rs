@@ -520,3 +520,52 @@ fn a_connection_keeps_its_cached_pages_while_another_churns() {
     read_all(&reader);
     assert_eq!(misses(&reader), 0, "another connection's reads evicted this one's pages");
 }
+
+/// Readers keep their read transaction between reads, yet every read sees every write
+/// acknowledged before it: each commit makes them take a new snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_reuse_their_snapshot_and_still_see_every_acknowledged_write() {
+    let (_dir, store, vault) = store_with_vault().await;
+    store.put_meta("counter", b"0".to_vec()).await.unwrap();
+    assert_eq!(store.meta("counter").await.unwrap().as_deref(), Some(&b"0"[..]));
+    assert!(store.readers.open_transactions() >= 1, "a reader keeps its transaction after a read");
+    for i in 1..=200u32 {
+        let value = i.to_string().into_bytes();
+        store.put_meta("counter", value.clone()).await.unwrap();
+        // Every reader in turn (reads rotate over them), each right after the write.
+        for _ in 0..READERS {
+            assert_eq!(store.meta("counter").await.unwrap(), Some(value.clone()), "after write {i}");
+        }
+        if i % 50 == 0 {
+            let name = SecretName::parse(&format!("s{i}")).unwrap();
+            store.add_version(&vault, &name, &props(&format!("v{i}"), 1), &sealed(1)).await.unwrap();
+            let got = store.version(&vault, &name.key(), None).await.unwrap().expect("the new secret");
+            assert_eq!(got.props.version, format!("v{i}"));
+        }
+    }
+}
+
+/// A held snapshot would pin the WAL: the checkpointer's release ends idle readers'
+/// transactions, so a checkpoint then copies every frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releasing_readers_lets_a_checkpoint_copy_the_whole_wal() {
+    let (dir, store, vault) = store_with_vault().await;
+    let checkpoint = |c: &Connection| -> (i64, i64) {
+        c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(1)?, r.get(2)?))).unwrap()
+    };
+    let other = Connection::open(dir.path().join("coffer.db")).unwrap();
+    // Every reader reads (and keeps) a snapshot, then more is written after it.
+    for _ in 0..READERS {
+        store.meta("x").await.unwrap();
+    }
+    for i in 0..50 {
+        let name = SecretName::parse(&format!("after-{i}")).unwrap();
+        store.add_version(&vault, &name, &props("v1", 1), &sealed(2)).await.unwrap();
+    }
+    let (log, copied) = checkpoint(&other);
+    assert!(copied < log, "the readers' old snapshots hold the checkpoint back ({copied} of {log})");
+    store.readers.release();
+    assert_eq!(store.readers.open_transactions(), 0);
+    let (log, copied) = checkpoint(&other);
+    assert_eq!(copied, log, "after release every frame is copied");
+}

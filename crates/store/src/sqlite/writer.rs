@@ -23,6 +23,7 @@ use rusqlite::{Connection, Transaction, TransactionBehavior};
 use tokio::sync::oneshot;
 
 use super::backend;
+use super::readers::Readers;
 use crate::{Result, StoreError};
 
 /// Bounds one transaction's size, and so the latency of the first write in it.
@@ -91,13 +92,14 @@ pub(super) struct Writer {
 
 impl Writer {
     /// Moves `conn` (configured and migrated) to a new writer thread.
-    pub(super) fn start(conn: Connection) -> Result<Self> {
+    pub(super) fn start(conn: Connection, readers: std::sync::Arc<Readers>) -> Result<Self> {
         let (jobs, queue) = mpsc::channel();
         #[cfg(test)]
         let stats = std::sync::Arc::<Stats>::default();
         let writer = WriterThread {
             conn,
             queue,
+            readers,
             #[cfg(test)]
             stats: stats.clone(),
         };
@@ -149,6 +151,8 @@ impl Drop for Writer {
 struct WriterThread {
     conn: Connection,
     queue: mpsc::Receiver<Box<dyn Job>>,
+    /// Told after each commit, before any caller is answered (read-your-writes).
+    readers: std::sync::Arc<Readers>,
     #[cfg(test)]
     stats: std::sync::Arc<Stats>,
 }
@@ -162,6 +166,7 @@ impl WriterThread {
             batch.push(first);
             batch.extend(self.queue.try_iter().take(MAX_BATCH - 1));
             let outcome = run_batch(&mut self.conn, &mut batch);
+            self.readers.committed();
             if let Err(e) = &outcome {
                 tracing::warn!(writes = batch.len(), error = %e, "store: a group commit failed");
             }
