@@ -20,7 +20,8 @@ use crate::tokens::unix_now;
 
 /// Everything authorization and token issuance need, immutable once built.
 pub struct Snapshot {
-    principals: HashMap<String, Principal>,
+    /// Shared so that a request can keep its principal (for its audit record) without copying.
+    principals: HashMap<String, Arc<Principal>>,
     by_client_id: HashMap<String, String>,
     by_name: HashMap<String, String>,
     pub rbac: Rbac,
@@ -32,22 +33,27 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn principal(&self, object_id: &str) -> Option<&Principal> {
+        self.principals.get(object_id).map(Arc::as_ref)
+    }
+
+    /// [`Snapshot::principal`], shared.
+    pub fn principal_arc(&self, object_id: &str) -> Option<&Arc<Principal>> {
         self.principals.get(object_id)
     }
 
     pub fn by_client_id(&self, client_id: &str) -> Option<&Principal> {
-        self.by_client_id.get(client_id).and_then(|id| self.principals.get(id))
+        self.by_client_id.get(client_id).and_then(|id| self.principal(id))
     }
 
     /// A principal by object id, client id or (case-insensitive) name.
     pub fn resolve(&self, name_or_id: &str) -> Option<&Principal> {
-        self.principal(name_or_id).or_else(|| self.by_client_id(name_or_id)).or_else(|| {
-            self.by_name.get(&name_or_id.to_ascii_lowercase()).and_then(|id| self.principals.get(id))
-        })
+        self.principal(name_or_id)
+            .or_else(|| self.by_client_id(name_or_id))
+            .or_else(|| self.by_name.get(&name_or_id.to_ascii_lowercase()).and_then(|id| self.principal(id)))
     }
 
     pub fn principals(&self) -> impl Iterator<Item = &Principal> {
-        self.principals.values()
+        self.principals.values().map(Arc::as_ref)
     }
 }
 
@@ -194,8 +200,8 @@ fn verify_hash(phc: &str, presented: &[u8]) -> bool {
 }
 
 async fn build(store: &dyn Store) -> Result<Snapshot, StoreError> {
-    let principals: HashMap<String, Principal> =
-        store.principals().await?.into_iter().map(|p| (p.object_id.clone(), p)).collect();
+    let principals: HashMap<String, Arc<Principal>> =
+        store.principals().await?.into_iter().map(|p| (p.object_id.clone(), Arc::new(p))).collect();
     let by_client_id = principals.values().map(|p| (p.client_id.clone(), p.object_id.clone())).collect();
     let by_name =
         principals.values().map(|p| (p.display_name.to_ascii_lowercase(), p.object_id.clone())).collect();

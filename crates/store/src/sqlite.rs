@@ -161,8 +161,14 @@ fn migrate(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
-const VERSION_COLUMNS: &str =
-    "s.name, v.version, v.enabled, v.nbf, v.exp, v.created, v.updated, v.content_type, v.tags, v.seq";
+/// The columns [`stored_from_row`] and [`props_from_row`] read, as a macro so that hot-path
+/// statements can be built with `concat!` at compile time.
+macro_rules! version_columns {
+    () => {
+        "s.name, v.version, v.enabled, v.nbf, v.exp, v.created, v.updated, v.content_type, v.tags, v.seq"
+    };
+}
+const VERSION_COLUMNS: &str = version_columns!();
 
 fn props_from_row(row: &Row<'_>) -> rusqlite::Result<VersionProperties> {
     let tags_json: String = row.get(8)?;
@@ -481,18 +487,25 @@ impl Store for SqliteStore {
         version: Option<&str>,
     ) -> Result<Option<StoredVersion>> {
         // One statement on the hot path: the secret's unique index, then its versions' index.
+        macro_rules! select_version {
+            ($tail:literal) => {
+                concat!(
+                    "SELECT ",
+                    version_columns!(),
+                    ", v.wrapped_dek, v.ciphertext FROM secrets s JOIN versions v ON v.secret_id = s.id \
+                     WHERE s.vault_id = ?1 AND s.name_key = ?2 AND s.deleted_at IS NULL ",
+                    $tail
+                )
+            };
+        }
         self.read(|c| {
-            let base = format!(
-                "SELECT {VERSION_COLUMNS}, v.wrapped_dek, v.ciphertext FROM secrets s JOIN versions v ON v.secret_id = s.id
-                 WHERE s.vault_id = ?1 AND s.name_key = ?2 AND s.deleted_at IS NULL"
-            );
             Ok(match version {
                 None => c
-                    .prepare_cached(&format!("{base} ORDER BY v.seq DESC LIMIT 1"))?
+                    .prepare_cached(select_version!("ORDER BY v.seq DESC LIMIT 1"))?
                     .query_row(params![vault_id, name_key], stored_from_row)
                     .optional()?,
                 Some(v) => c
-                    .prepare_cached(&format!("{base} AND v.version = ?3"))?
+                    .prepare_cached(select_version!("AND v.version = ?3"))?
                     .query_row(params![vault_id, name_key, v], stored_from_row)
                     .optional()?,
             })

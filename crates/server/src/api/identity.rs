@@ -226,7 +226,7 @@ async fn token_endpoint(
     let lifetime = state.tokens.lifetime_secs();
     let (token, _) = state.tokens.issue(&principal.object_id, lifetime);
     tracing::info!(principal = %principal.display_name, kind = principal.kind.as_str(), "issued an access token");
-    note.principal = Some(principal.clone());
+    note.principal = Some(Arc::new(principal.clone()));
     Ok(json_ok(
         StatusCode::OK,
         json!({ "token_type": "Bearer", "expires_in": lifetime, "ext_expires_in": lifetime, "access_token": token }),
@@ -502,7 +502,7 @@ async fn agent_join(
             OAuthError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", 50000, e.to_string())
         })?;
     tracing::info!(agent = %agent.display_name, "agent joined");
-    note.principal = Some(agent.clone());
+    note.principal = Some(Arc::new(agent.clone()));
     Ok(json_ok(
         StatusCode::OK,
         json!({

@@ -236,15 +236,7 @@ async fn handle_inner(
     };
     let svc = &state.vaults;
     let name_ref = name.as_ref();
-    let subject = |version: Option<&str>| match (name_ref, version) {
-        (Some(n), Some(v)) => format!("{n}/{v}"),
-        (Some(n), None) => n.to_string(),
-        _ => String::new(),
-    };
-    let fail = |version: Option<&str>| {
-        let subject = subject(version);
-        move |e| ApiError::from_service(e, &subject)
-    };
+    let fail = |version| failure(name_ref, version);
 
     let response = match route {
         Route::Changes => watch_changes(state, &vault.record.name.to_string(), name_ref, &pairs).await,
@@ -460,6 +452,22 @@ fn more<T>(items: &mut Vec<T>, limit: usize) -> bool {
         true
     } else {
         false
+    }
+}
+
+/// Maps a service error about `name` (and `version`) to the API's error; the subject is
+/// formatted only when there is an error to report.
+fn failure<'a>(
+    name: Option<&'a SecretName>,
+    version: Option<&'a str>,
+) -> impl FnOnce(crate::vaults::ServiceError) -> ApiError + 'a {
+    move |e| {
+        let subject = match (name, version) {
+            (Some(n), Some(v)) => format!("{n}/{v}"),
+            (Some(n), None) => n.to_string(),
+            _ => String::new(),
+        };
+        ApiError::from_service(e, &subject)
     }
 }
 

@@ -132,7 +132,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 pub struct AuditNote {
     /// Key Vault's operation name where one exists, else Coffer's (`VaultCreate`, `TokenIssue`…).
     pub operation: &'static str,
-    pub principal: Option<Principal>,
+    pub principal: Option<Arc<Principal>>,
     pub vault: Option<String>,
     pub secret: Option<String>,
     pub version: Option<String>,
@@ -225,11 +225,11 @@ fn audit_event(
         cgroup: p.cgroup,
     });
     let principal = note.principal.map(|p| coffer_audit::AuditPrincipal {
-        id: p.object_id,
-        display_name: p.display_name,
+        id: p.object_id.clone(),
+        display_name: p.display_name.clone(),
         kind: p.kind.as_str().to_owned(),
-        agent: note.agent.clone(),
-        process: process.clone(),
+        agent: note.agent,
+        process,
     });
     coffer_audit::AuditEvent {
         time,
@@ -258,7 +258,7 @@ async fn authenticate(
     state: &AppState,
     headers: &HeaderMap,
     note: &mut AuditNote,
-) -> Result<Principal, ApiError> {
+) -> Result<Arc<Principal>, ApiError> {
     let result = authenticate_inner(state, headers, note);
     match &result {
         Ok(p) => note.principal = Some(p.clone()),
@@ -271,7 +271,7 @@ fn authenticate_inner(
     state: &AppState,
     headers: &HeaderMap,
     note: &mut AuditNote,
-) -> Result<Principal, ApiError> {
+) -> Result<Arc<Principal>, ApiError> {
     let unauthorized = |message: &str| ApiError::unauthorized(message, state.challenge.clone());
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(unauthorized("Request is missing a Bearer or PoP token."));
@@ -299,7 +299,7 @@ fn authenticate_inner(
     // very next request, whatever its token's expiry.
     let snapshot = state.directory.snapshot();
     let principal = snapshot
-        .principal(&claims.oid)
+        .principal_arc(&claims.oid)
         .ok_or_else(|| unauthorized("The access token's principal does not exist."))?;
     if !principal.enabled || principal.kind == coffer_core::authz::PrincipalKind::Group {
         return Err(unauthorized("The access token's principal is disabled."));
