@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS postings (
     PRIMARY KEY (part, term, block)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-PRAGMA user_version = 5;
+PRAGMA user_version = 5; -- SCHEMA_VERSION
 "#;
 
 /// Postings are grouped by parts of 2^PART_SHIFT seqs (see the schema). Why: keyed by term
@@ -92,6 +92,13 @@ fn migrate_4_to_5() -> String {
 /// names: they are dropped, and rebuilt from the files by open, while the signed head in `meta`
 /// is kept.
 const DROP_OLD_ROWS: &str = "DROP TABLE IF EXISTS records; DROP TABLE IF EXISTS names;";
+
+/// The schema this code writes (`PRAGMA user_version`).
+const SCHEMA_VERSION: i64 = 5;
+
+/// Drops everything the files can give back (the open then re-adds every record).
+const DROP_FOR_REBUILD: &str = "DROP TABLE IF EXISTS postings; DROP TABLE IF EXISTS block_records; \
+     DROP TABLE IF EXISTS blocks; DROP TABLE IF EXISTS meta; PRAGMA user_version = 0;";
 
 /// Records per block at most (their indexes in a posting are u16).
 pub(crate) const BLOCK_MAX: usize = 4096;
@@ -214,6 +221,14 @@ impl Index {
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(db)?;
         if (1..=3).contains(&version) {
             conn.execute_batch(DROP_OLD_ROWS).map_err(db)?;
+        }
+        if version > SCHEMA_VERSION {
+            // Written by a newer Coffer (a downgrade): its layout is unknown here, and the index
+            // holds nothing the files do not, so it is rebuilt from them.
+            tracing::warn!(
+                "audit: the index has schema {version}, newer than {SCHEMA_VERSION}: rebuilding it"
+            );
+            conn.execute_batch(DROP_FOR_REBUILD).map_err(db)?;
         }
         if version == 4 {
             tracing::info!("audit: moving the index's postings into parts (schema 4 to 5), once");
@@ -787,6 +802,31 @@ mod tests {
         ] {
             check(&index.conn, &rows, query, 0);
         }
+    }
+
+    /// An index from a newer version (after a downgrade) is dropped, to be rebuilt from the
+    /// files, instead of being written with the wrong layout.
+    #[test]
+    fn an_index_of_a_newer_schema_is_dropped_for_a_rebuild() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        let mut rng = Lcg(3);
+        let rows: Vec<IndexRow> = (1..=100).map(|seq| row(seq, &mut rng)).collect();
+        let mut index = Index::open(&path).unwrap();
+        index.commit(&rows, None).unwrap();
+        index.conn.execute_batch("PRAGMA user_version = 99;").unwrap();
+        drop(index);
+        let mut index = Index::open(&path).unwrap();
+        let version: i64 = index.conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(index.max_seq().unwrap(), None, "nothing kept from the newer index");
+        index.commit(&rows, None).unwrap();
+        check(
+            &index.conn,
+            &rows,
+            AuditQuery { secret: Some("s7".into()), limit: 10, ..Default::default() },
+            0,
+        );
     }
 
     #[test]
