@@ -766,18 +766,29 @@ mod tests {
         assert_eq!(got, want, "{q:?}");
     }
 
+    /// A new index in a temporary directory holding `count` generated rows, committed `chunk`
+    /// at a time.
+    fn filled_index(
+        seed: u64,
+        count: u64,
+        chunk: usize,
+    ) -> (tempfile::TempDir, PathBuf, Vec<IndexRow>, Index) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        let mut rng = Lcg(seed);
+        let rows: Vec<IndexRow> = (1..=count).map(|seq| row(seq, &mut rng)).collect();
+        let mut index = Index::open(&path).unwrap();
+        for part in rows.chunks(chunk) {
+            index.commit(part, None).unwrap();
+        }
+        (dir, path, rows, index)
+    }
+
     /// An index of schema 4 (postings keyed by term and block) is reorganized into parts on
     /// open, and finds the same records.
     #[test]
     fn a_schema_4_index_moves_its_postings_into_parts() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("index.sqlite");
-        let mut rng = Lcg(11);
-        let rows: Vec<IndexRow> = (1..=6_000).map(|seq| row(seq, &mut rng)).collect();
-        let mut index = Index::open(&path).unwrap();
-        for chunk in rows.chunks(900) {
-            index.commit(chunk, None).unwrap();
-        }
+        let (_dir, path, rows, index) = filled_index(11, 6_000, 900);
         index
             .conn
             .execute_batch(
@@ -808,12 +819,7 @@ mod tests {
     /// files, instead of being written with the wrong layout.
     #[test]
     fn an_index_of_a_newer_schema_is_dropped_for_a_rebuild() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("index.sqlite");
-        let mut rng = Lcg(3);
-        let rows: Vec<IndexRow> = (1..=100).map(|seq| row(seq, &mut rng)).collect();
-        let mut index = Index::open(&path).unwrap();
-        index.commit(&rows, None).unwrap();
+        let (_dir, path, rows, index) = filled_index(3, 100, 100);
         index.conn.execute_batch("PRAGMA user_version = 99;").unwrap();
         drop(index);
         let mut index = Index::open(&path).unwrap();
