@@ -675,6 +675,33 @@ mod tests {
     use crate::AuditResult;
     use std::time::{Duration, UNIX_EPOCH};
 
+    /// A rotation between listing the files and reading a line (the active file renamed to its
+    /// rotated name, a new active file begun) costs a second listing, not an error; a line
+    /// that is really gone is an error that says what to run.
+    #[test]
+    fn a_line_read_across_a_rotation_is_found_in_the_rotated_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = |seq: u64| format!("{{\"seq\":{seq},\"pad\":\"{}\"}}", "x".repeat(10 * seq as usize));
+        let text: String = (1..=3).map(|seq| line(seq) + "\n").collect();
+        std::fs::write(dir.path().join(ACTIVE), &text).unwrap();
+        let at = |seq: u64| (text.find(&line(seq)).unwrap() as u64, line(seq).len() as u32);
+        let mut reader = LineReader::new(dir.path());
+        // The reader lists the directory (no rotated file yet) …
+        assert_eq!(reader.path_of(2).unwrap(), dir.path().join(ACTIVE));
+        // … then the writer rotates.
+        std::fs::rename(dir.path().join(ACTIVE), dir.path().join(crate::files::rotated_name(1, 3))).unwrap();
+        std::fs::write(dir.path().join(ACTIVE), line(4) + "\n").unwrap();
+        let (offset, len) = at(2);
+        assert_eq!(reader.read(2, offset, len).unwrap()["seq"], 2);
+        let (offset, len) = at(3);
+        assert_eq!(reader.read(3, offset, len).unwrap()["seq"], 3);
+        // Gone for good (the rotated file deleted): an error naming the record and the remedy.
+        std::fs::remove_file(dir.path().join(crate::files::rotated_name(1, 3))).unwrap();
+        let mut fresh = LineReader::new(dir.path());
+        let err = fresh.read(3, offset, len).unwrap_err().to_string();
+        assert!(err.contains("record 3") && err.contains("coffer audit verify"), "{err}");
+    }
+
     /// Every statement a query runs is a lookup or range read of a primary key or index.
     #[test]
     fn every_query_statement_reads_an_index() {
