@@ -168,7 +168,7 @@ mod diag {
                 let ports_match = reply.get(id..id + 4)
                     == Some(&[src.port().to_be_bytes(), dst.port().to_be_bytes()].concat()[..]);
                 let inode = u32_at(INODE_AT).filter(|i| *i != 0);
-                Ok(inode.filter(|_| ports_match && reply[HEADER] == family).map(u64::from))
+                Ok(inode.filter(|_| ports_match && reply.get(HEADER) == Some(&family)).map(u64::from))
             }
             Some(_) => Ok(None),
         }

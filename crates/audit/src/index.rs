@@ -58,7 +58,6 @@ CREATE TABLE IF NOT EXISTS postings (
     PRIMARY KEY (part, term, block)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-PRAGMA user_version = 5; -- SCHEMA_VERSION
 "#;
 
 /// Postings are grouped by parts of 2^PART_SHIFT seqs (see the schema). Why: keyed by term
@@ -83,7 +82,7 @@ fn migrate_4_to_5() -> String {
              SELECT block >> {PART_SHIFT}, term, block, members FROM postings ORDER BY 1, 2, 3; \
          DROP TABLE postings; \
          ALTER TABLE postings_5 RENAME TO postings; \
-         PRAGMA user_version = 5; \
+         PRAGMA user_version = {SCHEMA_VERSION}; \
          COMMIT;"
     )
 }
@@ -237,6 +236,7 @@ impl Index {
             tracing::info!("audit: index postings moved in {:.1} s", started.elapsed().as_secs_f64());
         }
         conn.execute_batch(SCHEMA).map_err(db)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(db)?;
         let max: Option<i64> =
             conn.query_row("SELECT MAX(last_seq) FROM blocks", [], |r| r.get(0)).map_err(db)?;
         Ok(Self { conn, terms: vec![HashMap::new(); Kind::ALL], max_seq: max.unwrap_or(0) as u64 })
@@ -828,7 +828,7 @@ mod tests {
         drop(index);
         let index = Index::open(&path).unwrap();
         let version: i64 = index.conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
-        assert_eq!(version, 5);
+        assert_eq!(version, SCHEMA_VERSION);
         let parts: i64 =
             index.conn.query_row("SELECT COUNT(DISTINCT part) FROM postings", [], |r| r.get(0)).unwrap();
         assert!(parts >= 3, "{parts} parts");
