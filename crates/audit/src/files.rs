@@ -42,6 +42,11 @@ pub(crate) fn read_head_file(dir: &Path) -> io::Result<Option<Vec<u8>>> {
     }
 }
 
+/// Makes a rename or removal in `dir` durable.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}
+
 /// Rotated files in chain order.
 pub(crate) fn list_rotated(dir: &Path) -> io::Result<Vec<(u64, u64, PathBuf)>> {
     let mut out = Vec::new();

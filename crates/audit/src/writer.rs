@@ -18,11 +18,12 @@ use tokio::sync::oneshot;
 use crate::canon::{canonical, parse_rfc3339_us, seal, unix_us, GENESIS_HASH};
 use crate::event::{self, now_rfc3339, Encoded};
 use crate::files::{
-    list_rotated, parse_lines, parse_signed_bytes, read_head_file, rotated_name, Entry, Kind, Signed, ACTIVE,
-    ACTIVE_TMP, HEAD, INDEX, LOCK,
+    list_rotated, parse_lines, parse_signed_bytes, read_head_file, rotated_name, sync_dir, Entry, Kind,
+    Signed, ACTIVE, ACTIVE_TMP, HEAD, INDEX, LOCK,
 };
 use crate::index::{self, Index, IndexRow};
 use crate::indexer::{self, IndexMsg};
+use crate::journal::{self, FileKey, Journal};
 use crate::keys::{Signer, Verifier};
 use crate::{AuditConfig, AuditError, Counters, Msg};
 
@@ -127,8 +128,12 @@ pub(crate) struct Writer {
     stats: Arc<Counters>,
     _lock: File,
 
-    /// The active file (opened for append).
-    file: File,
+    /// The active file (opened for append), shared with the journal's flusher thread.
+    file: Arc<File>,
+    /// Identifies the active file in journal entries.
+    file_key: FileKey,
+    /// Makes commits durable; `None`: each commit fsyncs the active file.
+    journal: Option<Journal>,
     /// Length of the active file up to the last durable, acknowledged byte.
     len: u64,
     /// First record of the active file, once it has one.
@@ -154,10 +159,6 @@ pub(crate) struct Writer {
 
 fn io_err(what: &str, path: &Path, e: io::Error) -> AuditError {
     AuditError::Io(format!("{what} {}: {e}", path.display()))
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 /// Creates `path` (0600) holding `bytes`, fsync'd, open for append.
@@ -338,6 +339,85 @@ fn check_sig(verifier: &Verifier, c: &Signed) -> Result<(), String> {
     }
 }
 
+/// Opens the journal in `dir` and, after an unclean shutdown, rewrites the batches it holds for
+/// the active file into it (so `resume` finds every acknowledged record even if the OS lost
+/// bytes that were not yet fsync'd), then starts a new journal epoch. `None` if there is no
+/// room to create it: commits then fsync the active file, as durable and only slower.
+fn open_journal(dir: &Path, bytes: u64) -> Result<Option<Journal>, AuditError> {
+    let path = dir.join(journal::JOURNAL);
+    let (epoch, pending) = journal::read_pending(dir).map_err(|e| io_err("read", &path, e))?;
+    if !pending.is_empty() {
+        let active = dir.join(ACTIVE);
+        let replayed =
+            replay(&active, &pending).map_err(|e| io_err("replay the journal into", &active, e))?;
+        if replayed > 0 {
+            tracing::warn!(
+                batches = replayed,
+                "audit: replayed group commits from the journal after an unclean shutdown"
+            );
+        }
+    }
+    // An unused journal must not stay behind: a later open would replay it.
+    let unused = |dir: &Path| journal::remove(dir).map_err(|e| io_err("remove", &path, e));
+    if bytes == 0 {
+        unused(dir)?;
+        return Ok(None);
+    }
+    match Journal::start(dir, bytes, epoch) {
+        Ok(journal) => Ok(Some(journal)),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) => {
+            tracing::warn!(
+                "audit: no room for the {bytes}-byte commit journal in {} ({e}); every commit fsyncs {ACTIVE} \
+                 instead (as durable, slower)",
+                dir.display()
+            );
+            let _ = fs::remove_file(dir.join(journal::JOURNAL_TMP));
+            unused(dir)?;
+            Ok(None)
+        }
+        Err(e) => Err(io_err("create", &path, e)),
+    }
+}
+
+/// Rewrites the journal's batches for `active` (those whose file key is its first line's) in
+/// commit order, and cuts the file after the last: later bytes were never acknowledged.
+/// Returns how many batches applied.
+fn replay(active: &Path, pending: &[journal::Pending]) -> io::Result<usize> {
+    let file = match OpenOptions::new().read(true).write(true).open(active) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut first_line = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut at = 0u64;
+    loop {
+        let n = file.read_at(&mut chunk, at)?;
+        if n == 0 {
+            return Ok(0); // no complete first line: nothing of this file was journaled
+        }
+        if let Some(p) = chunk[..n].iter().position(|&b| b == b'\n') {
+            first_line.extend_from_slice(&chunk[..=p]);
+            break;
+        }
+        first_line.extend_from_slice(&chunk[..n]);
+        at += n as u64;
+    }
+    let key = journal::file_key(&first_line);
+    let mut end = None;
+    let mut count = 0;
+    for p in pending.iter().filter(|p| p.key == key) {
+        file.write_all_at(&p.bytes, p.offset)?;
+        end = Some(p.offset + p.bytes.len() as u64);
+        count += 1;
+    }
+    if let Some(end) = end {
+        file.set_len(end)?;
+        file.sync_all()?;
+    }
+    Ok(count)
+}
+
 /// Only NUL bytes and newlines (zero-filled blocks after a crash), ignoring a torn last line.
 fn is_debris(rest: &[u8]) -> bool {
     let complete = match rest.iter().rposition(|&b| b == b'\n') {
@@ -390,6 +470,8 @@ impl Writer {
             sync_dir(&dir).map_err(|e| io_err("fsync", &dir, e))?;
         }
 
+        let journal = open_journal(&dir, cfg.journal_bytes)?;
+
         let mut w = Writer {
             stdout: cfg.stdout,
             max_file_bytes: cfg.max_file_bytes,
@@ -407,7 +489,9 @@ impl Writer {
             stats,
             _lock: lock,
             // A placeholder handle: `resume` always installs the active file.
-            file: File::open(&dir).map_err(|e| io_err("open", &dir, e))?,
+            file: Arc::new(File::open(&dir).map_err(|e| io_err("open", &dir, e))?),
+            file_key: [0; 16],
+            journal: None,
             len: 0,
             file_first: None,
             file_created: SystemTime::now(),
@@ -424,6 +508,7 @@ impl Writer {
             rotate_after: None,
             dir,
         };
+        w.journal = journal;
         w.resume(cfg.recover)?;
         Ok(w)
     }
@@ -577,7 +662,8 @@ impl Writer {
                 );
             }
         }
-        self.file = open_append(&active).map_err(|e| io_err("open", &active, e))?;
+        self.file = Arc::new(open_append(&active).map_err(|e| io_err("open", &active, e))?);
+        self.file_key = journal::file_key(&bytes[..parsed.entries[0].next_offset()]);
         if discarded > 0 {
             self.file
                 .set_len(s.good_end as u64)
@@ -660,7 +746,8 @@ impl Writer {
         let file = create_with(&tmp, &line).map_err(|e| io_err("create", &tmp, e))?;
         fs::rename(&tmp, &active).map_err(|e| io_err("rename", &tmp, e))?;
         sync_dir(&self.dir).map_err(|e| io_err("fsync", &self.dir, e))?;
-        self.file = file;
+        self.file = Arc::new(file);
+        self.file_key = journal::file_key(&line);
         self.len = line.len() as u64;
         self.file_first = None;
         self.file_created = SystemTime::now();
@@ -808,6 +895,23 @@ impl Writer {
         seal(body, "signature", &sig)
     }
 
+    /// Makes `bytes`, just appended at `offset`, durable: through the journal, or without
+    /// one by fsyncing the active file.
+    fn make_durable(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        match self.journal.as_mut() {
+            Some(journal) => journal.commit(&self.file, self.file_key, offset, bytes),
+            None => self.file.sync_data(),
+        }
+    }
+
+    /// On a clean close: the active file is fsync'd, so the journal need not be replayed.
+    fn close_journal(&mut self) {
+        let Some(mut journal) = self.journal.take() else { return };
+        if let Err(e) = self.file.sync_data().and_then(|()| journal.mark_clean()) {
+            tracing::warn!("audit: closing the journal: {e}; the next open replays it");
+        }
+    }
+
     fn rollback(&mut self, len: u64) {
         if let Err(e) = self.file.set_len(len).and_then(|()| self.file.sync_data()) {
             tracing::error!(
@@ -894,7 +998,7 @@ impl Writer {
         if buf.is_empty() {
             return Ok((first, None));
         }
-        if let Err(e) = self.file.write_all(&buf).and_then(|()| self.file.sync_data()) {
+        if let Err(e) = (&*self.file).write_all(&buf).and_then(|()| self.make_durable(start_len, &buf)) {
             self.rollback(start_len);
             return Err(AuditError::Unavailable(format!("write {}: {e}", self.dir.join(ACTIVE).display())));
         }
@@ -961,6 +1065,8 @@ impl Writer {
             }
         };
         line.push(b'\n');
+        // A rotated file is complete on disk: the journal keeps only the active file's bytes.
+        self.file.sync_data().map_err(|e| io_err("fsync", &self.dir.join(ACTIVE), e))?;
         let (active, tmp) = (self.dir.join(ACTIVE), self.dir.join(ACTIVE_TMP));
         let rotated = self.dir.join(rotated_name(first, self.last_seq));
         let file = create_with(&tmp, &line).map_err(|e| io_err("create", &tmp, e))?;
@@ -971,7 +1077,8 @@ impl Writer {
         }
         // From here the new file is current; if the directory cannot be synced, nothing is
         // acknowledged until it can.
-        self.file = file;
+        self.file = Arc::new(file);
+        self.file_key = journal::file_key(&line);
         self.len = line.len() as u64;
         self.file_first = None;
         self.file_created = SystemTime::now();
@@ -1198,6 +1305,7 @@ impl Writer {
                 }
             }
             if stop || closed {
+                self.close_journal();
                 // The batch above ran (a shutdown has its waiter, a closed channel forces it) and
                 // stopped the index thread.
                 let st = self.stats.snapshot();

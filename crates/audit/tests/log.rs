@@ -418,6 +418,50 @@ async fn acknowledged_records_survive_kill_9() {
     }
     assert!(acked.len() >= 1500, "the child acknowledged only {} records", acked.len());
 
+    // What an OS crash could leave: the bytes of audit.jsonl after its first line (fsync'd
+    // when the file was created) that only the journal made durable, lost (cut off, or
+    // blocks never written: zeros). Opening replays them from the journal.
+    for (how, without_journal) in [("cut", false), ("zeroed", false), ("cut", true)] {
+        let copy = tempfile::tempdir().unwrap();
+        for entry in fs::read_dir(tmp.path()).unwrap() {
+            let entry = entry.unwrap();
+            fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
+        }
+        let active = copy.path().join("audit.jsonl");
+        let bytes = fs::read(&active).unwrap();
+        let first_line = bytes.iter().position(|&b| b == b'\n').unwrap() + 1;
+        // From the line of the newest acknowledged record (or the last 3000 bytes, if it is
+        // not in this file).
+        let newest = format!("\"seq\":{},", acked.last().unwrap());
+        let newest_line = bytes
+            .windows(newest.len())
+            .position(|w| w == newest.as_bytes())
+            .map(|at| bytes[..at].iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1));
+        let lost = newest_line.unwrap_or(bytes.len().saturating_sub(3000)).max(first_line);
+        let mut damaged = bytes[..lost].to_vec();
+        if how == "zeroed" {
+            damaged.resize(bytes.len(), 0);
+        }
+        fs::write(&active, &damaged).unwrap();
+        if without_journal {
+            fs::remove_file(copy.path().join("journal")).unwrap();
+            if newest_line.is_some_and(|at| at >= first_line) {
+                let err = AuditLog::open(config(copy.path(), &key)).unwrap_err();
+                assert!(matches!(err, AuditError::Damaged(_)), "{err}");
+            }
+            continue;
+        }
+        let log = AuditLog::open(config(copy.path(), &key)).unwrap();
+        let present: BTreeSet<u64> =
+            seqs(&query_all(&log, AuditQuery { limit: 1000, ..Default::default() }).await)
+                .into_iter()
+                .collect();
+        let missing: Vec<_> = acked.difference(&present).collect();
+        assert!(missing.is_empty(), "{how} tail: acknowledged but lost: {missing:?}");
+        let report = verify(copy.path(), &log.public_key_pem());
+        assert!(report.ok, "{how} tail: {}", show(&report));
+    }
+
     let log = AuditLog::open(config(tmp.path(), &key)).unwrap();
     let present: BTreeSet<u64> =
         seqs(&query_all(&log, AuditQuery { limit: 1000, ..Default::default() }).await).into_iter().collect();

@@ -14,6 +14,8 @@ use zeroize::Zeroizing;
 pub fn config(dir: &Path, signing_key: &Zeroizing<Vec<u8>>) -> AuditConfig {
     let mut c = AuditConfig::new(dir, Zeroizing::new([7u8; 32]), signing_key.clone());
     c.checkpoint_interval = Duration::from_secs(3600);
+    // Small enough that tests wrap it many times (and that it fits the tiny tmpfs).
+    c.journal_bytes = 64 * 1024;
     c
 }
 
