@@ -11,7 +11,7 @@
 //! (which file, at which offset, a SHA-256) into the next 4 KiB-aligned slot of this fixed-size
 //! file, which is fsync'd; then the batch is acknowledged. A flusher thread fsyncs
 //! `audit.jsonl` every [`FLUSH_EVERY`]. A slot is overwritten only once the log bytes it
-//! carries are known durable (or are made so first). After a crash, [`Journal::open`] returns
+//! carries are known durable (or are made so first). After a crash, [`read_pending`] returns
 //! the entries of the current epoch and the writer rewrites them into `audit.jsonl` before it
 //! resumes the chain. Every open starts a new epoch, so entries already replayed are never
 //! applied again; a clean close marks the journal clean, so the next open skips the scan.
@@ -218,6 +218,12 @@ impl Journal {
             self.flusher.request(log, key, file_end);
         }
         Ok(())
+    }
+
+    /// Fsyncs the log (before a rotation or a clean close), refusing after any failed fsync.
+    pub(crate) fn sync_log(&self, log: &File) -> io::Result<()> {
+        self.flusher.check()?;
+        self.flusher.sync(log)
     }
 
     /// After a clean close, with `audit.jsonl` fsync'd: the next open need not scan.

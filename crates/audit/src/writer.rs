@@ -904,10 +904,21 @@ impl Writer {
         }
     }
 
+    fn sync_active(&self) -> io::Result<()> {
+        match &self.journal {
+            Some(journal) => journal.sync_log(&self.file),
+            None => self.file.sync_data(),
+        }
+    }
+
     /// On a clean close: the active file is fsync'd, so the journal need not be replayed.
     fn close_journal(&mut self) {
+        if self.journal.is_none() {
+            return;
+        }
+        let synced = self.sync_active();
         let Some(mut journal) = self.journal.take() else { return };
-        if let Err(e) = self.file.sync_data().and_then(|()| journal.mark_clean()) {
+        if let Err(e) = synced.and_then(|()| journal.mark_clean()) {
             tracing::warn!("audit: closing the journal: {e}; the next open replays it");
         }
     }
@@ -1066,7 +1077,7 @@ impl Writer {
         };
         line.push(b'\n');
         // A rotated file is complete on disk: the journal keeps only the active file's bytes.
-        self.file.sync_data().map_err(|e| io_err("fsync", &self.dir.join(ACTIVE), e))?;
+        self.sync_active().map_err(|e| io_err("fsync", &self.dir.join(ACTIVE), e))?;
         let (active, tmp) = (self.dir.join(ACTIVE), self.dir.join(ACTIVE_TMP));
         let rotated = self.dir.join(rotated_name(first, self.last_seq));
         let file = create_with(&tmp, &line).map_err(|e| io_err("create", &tmp, e))?;
