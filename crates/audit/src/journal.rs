@@ -120,6 +120,31 @@ pub(crate) fn read_pending(dir: &Path) -> io::Result<(u64, Vec<Pending>)> {
     Ok((epoch, pending))
 }
 
+/// Whether the file bytes `have` (where a journaled batch `want` was written; shorter if the
+/// file ends inside it) can be a crash's loss of that batch: each byte is the batch's own or a
+/// zero (a block the OS never wrote). Anything else means the file was changed afterwards.
+pub(crate) fn lost_not_changed(have: &[u8], want: &[u8]) -> bool {
+    have.len() <= want.len() && have.iter().zip(want).all(|(h, w)| h == w || *h == 0)
+}
+
+/// For `verify`, which reports the file as it is: how many bytes of the journal's batches for
+/// the active file (`log`, as read) the file does not hold. After an OS crash they are
+/// acknowledged records that opening the log writes back; an unreadable journal counts as empty.
+pub(crate) fn unwritten(dir: &Path, log: &[u8]) -> usize {
+    let Ok((_, pending)) = read_pending(dir) else { return 0 };
+    let Some(first_line) = log.iter().position(|&b| b == b'\n').map(|p| &log[..=p]) else { return 0 };
+    let key = file_key(first_line);
+    pending
+        .iter()
+        .filter(|p| p.key == key)
+        .map(|p| {
+            let have = log.get(p.offset as usize..).unwrap_or_default();
+            let have = &have[..have.len().min(p.bytes.len())];
+            p.bytes.len() - have.iter().zip(&p.bytes).filter(|(a, b)| a == b).count()
+        })
+        .sum()
+}
+
 /// Removes the journal (after its entries were replayed), when commits will not use one.
 pub(crate) fn remove(dir: &Path) -> io::Result<()> {
     match fs::remove_file(dir.join(JOURNAL)) {

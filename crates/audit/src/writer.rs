@@ -348,12 +348,21 @@ fn open_journal(dir: &Path, bytes: u64) -> Result<Option<Journal>, AuditError> {
     let (epoch, pending) = journal::read_pending(dir).map_err(|e| io_err("read", &path, e))?;
     if !pending.is_empty() {
         let active = dir.join(ACTIVE);
-        let replayed =
+        let (rewritten, left, cut) =
             replay(&active, &pending).map_err(|e| io_err("replay the journal into", &active, e))?;
-        if replayed > 0 {
+        if rewritten > 0 || cut > 0 {
             tracing::warn!(
-                batches = replayed,
-                "audit: replayed group commits from the journal after an unclean shutdown"
+                batches = rewritten,
+                cut_bytes = cut,
+                "audit: after an unclean shutdown, rewrote group commits the OS had not written from the journal, \
+                 and cut what no commit acknowledged"
+            );
+        }
+        if left > 0 {
+            tracing::error!(
+                batches = left,
+                "audit: {ACTIVE} differs from the commit journal where the OS cannot have lost bytes: it was \
+                 changed; left as found"
             );
         }
     }
@@ -380,42 +389,42 @@ fn open_journal(dir: &Path, bytes: u64) -> Result<Option<Journal>, AuditError> {
 }
 
 /// Rewrites the journal's batches for `active` (those whose file key is its first line's) in
-/// commit order, and cuts the file after the last: later bytes were never acknowledged.
-/// Returns how many batches applied.
-fn replay(active: &Path, pending: &[journal::Pending]) -> io::Result<usize> {
+/// commit order, and cuts the file after the last: later bytes were never acknowledged. A batch
+/// whose bytes in the file are neither its own nor zeros (the file was changed, not merely not
+/// written) is left as found, for `resume` to judge. Returns the batches rewritten, those left
+/// and the bytes cut.
+fn replay(active: &Path, pending: &[journal::Pending]) -> io::Result<(usize, usize, u64)> {
     let file = match OpenOptions::new().read(true).write(true).open(active) {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, 0, 0)),
         Err(e) => return Err(e),
     };
-    let mut first_line = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let mut at = 0u64;
-    loop {
-        let n = file.read_at(&mut chunk, at)?;
-        if n == 0 {
-            return Ok(0); // no complete first line: nothing of this file was journaled
-        }
-        if let Some(p) = chunk[..n].iter().position(|&b| b == b'\n') {
-            first_line.extend_from_slice(&chunk[..=p]);
-            break;
-        }
-        first_line.extend_from_slice(&chunk[..n]);
-        at += n as u64;
-    }
-    let key = journal::file_key(&first_line);
-    let mut end = None;
-    let mut count = 0;
+    let bytes = fs::read(active)?;
+    let Some(first_line) = bytes.iter().position(|&b| b == b'\n').map(|p| &bytes[..=p]) else {
+        return Ok((0, 0, 0)); // no complete first line: nothing of this file was journaled
+    };
+    let key = journal::file_key(first_line);
+    let (mut end, mut rewritten, mut left) = (None, 0, 0);
     for p in pending.iter().filter(|p| p.key == key) {
-        file.write_all_at(&p.bytes, p.offset)?;
+        let have = bytes.get(p.offset as usize..).unwrap_or_default();
+        let have = &have[..have.len().min(p.bytes.len())];
+        if have != &p.bytes[..] {
+            if journal::lost_not_changed(have, &p.bytes) {
+                file.write_all_at(&p.bytes, p.offset)?;
+                rewritten += 1;
+            } else {
+                left += 1;
+            }
+        }
         end = Some(p.offset + p.bytes.len() as u64);
-        count += 1;
     }
-    if let Some(end) = end {
+    let Some(end) = end else { return Ok((0, 0, 0)) };
+    let cut = (bytes.len() as u64).saturating_sub(end);
+    if rewritten > 0 || cut > 0 {
         file.set_len(end)?;
         file.sync_all()?;
     }
-    Ok(count)
+    Ok((rewritten, left, cut))
 }
 
 /// Only NUL bytes and newlines (zero-filled blocks after a crash), ignoring a torn last line.

@@ -421,7 +421,8 @@ async fn acknowledged_records_survive_kill_9() {
     // What an OS crash could leave: the bytes of audit.jsonl after its first line (fsync'd
     // when the file was created) that only the journal made durable, lost (cut off, or
     // blocks never written: zeros). Opening replays them from the journal.
-    for (how, without_journal) in [("cut", false), ("zeroed", false), ("cut", true)] {
+    // And a changed record is not what a crash does: the journal does not paper over it.
+    for (how, without_journal) in [("cut", false), ("zeroed", false), ("cut", true), ("changed", false)] {
         let copy = tempfile::tempdir().unwrap();
         for entry in fs::read_dir(tmp.path()).unwrap() {
             let entry = entry.unwrap();
@@ -442,7 +443,19 @@ async fn acknowledged_records_survive_kill_9() {
         if how == "zeroed" {
             damaged.resize(bytes.len(), 0);
         }
+        if how == "changed" {
+            damaged = bytes.clone();
+            let at = lost + newest.len() + 20;
+            damaged[at] = if damaged[at] == b'7' { b'8' } else { b'7' };
+        }
         fs::write(&active, &damaged).unwrap();
+        if how == "changed" {
+            if newest_line.is_some_and(|at| at >= first_line) {
+                let err = AuditLog::open(config(copy.path(), &key)).unwrap_err();
+                assert!(matches!(err, AuditError::Damaged(_)), "{err}");
+            }
+            continue;
+        }
         if without_journal {
             fs::remove_file(copy.path().join("journal")).unwrap();
             if newest_line.is_some_and(|at| at >= first_line) {
@@ -450,6 +463,13 @@ async fn acknowledged_records_survive_kill_9() {
                 assert!(matches!(err, AuditError::Damaged(_)), "{err}");
             }
             continue;
+        }
+        // Before the log is reopened, verify reports the file as it is, and says that the
+        // journal holds the lost records.
+        if newest_line.is_some_and(|at| at >= first_line) {
+            let report = verify(copy.path(), &verify_key(copy.path(), &key));
+            assert!(!report.ok, "{how} tail, before reopening: {}", show(&report));
+            assert!(report.notes.iter().any(|n| n.contains("commit journal")), "{}", show(&report));
         }
         let log = AuditLog::open(config(copy.path(), &key)).unwrap();
         let present: BTreeSet<u64> =
