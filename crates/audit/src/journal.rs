@@ -120,6 +120,20 @@ pub(crate) fn read_pending(dir: &Path) -> io::Result<(u64, Vec<Pending>)> {
     Ok((epoch, pending))
 }
 
+/// The batches of the file with `key`, in commit order, without those a later batch superseded:
+/// one whose commit failed was cut off the log again, and the next batch was written at (or
+/// before) its offset.
+pub(crate) fn batches_for(pending: &[Pending], key: FileKey) -> Vec<&Pending> {
+    let mut kept: Vec<&Pending> = Vec::new();
+    for p in pending.iter().rev().filter(|p| p.key == key) {
+        if kept.last().is_none_or(|later| p.offset < later.offset) {
+            kept.push(p);
+        }
+    }
+    kept.reverse();
+    kept
+}
+
 /// Whether the file bytes `have` (where a journaled batch `want` was written; shorter if the
 /// file ends inside it) can be a crash's loss of that batch: each byte is the batch's own or a
 /// zero (a block the OS never wrote). Anything else means the file was changed afterwards.
@@ -133,10 +147,8 @@ pub(crate) fn lost_not_changed(have: &[u8], want: &[u8]) -> bool {
 pub(crate) fn unwritten(dir: &Path, log: &[u8]) -> usize {
     let Ok((_, pending)) = read_pending(dir) else { return 0 };
     let Some(first_line) = log.iter().position(|&b| b == b'\n').map(|p| &log[..=p]) else { return 0 };
-    let key = file_key(first_line);
-    pending
-        .iter()
-        .filter(|p| p.key == key)
+    batches_for(&pending, file_key(first_line))
+        .into_iter()
         .map(|p| {
             let have = log.get(p.offset as usize..).unwrap_or_default();
             let have = &have[..have.len().min(p.bytes.len())];
@@ -462,6 +474,19 @@ mod tests {
             log.truncate(end);
         }
         log
+    }
+
+    #[test]
+    fn a_batch_cut_off_again_after_its_commit_failed_is_superseded() {
+        let key = [1; 16];
+        let p = |offset: u64, len: usize, key: FileKey| Pending { key, offset, bytes: vec![b'x'; len] };
+        // 100..110 committed; 110..130 journaled but its commit failed and it was cut off;
+        // 110..115 and 115..122 committed after it; one batch of another file.
+        let pending =
+            vec![p(100, 10, key), p(110, 20, key), p(0, 3, [2; 16]), p(110, 5, key), p(115, 7, key)];
+        let kept: Vec<(u64, usize)> =
+            batches_for(&pending, key).iter().map(|p| (p.offset, p.bytes.len())).collect();
+        assert_eq!(kept, [(100, 10), (110, 5), (115, 7)]);
     }
 
     #[test]

@@ -405,7 +405,7 @@ fn replay(active: &Path, pending: &[journal::Pending]) -> io::Result<(usize, usi
     };
     let key = journal::file_key(first_line);
     let (mut end, mut rewritten, mut left) = (None, 0, 0);
-    for p in pending.iter().filter(|p| p.key == key) {
+    for p in journal::batches_for(pending, key) {
         let have = bytes.get(p.offset as usize..).unwrap_or_default();
         let have = &have[..have.len().min(p.bytes.len())];
         if have != &p.bytes[..] {
