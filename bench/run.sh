@@ -419,15 +419,21 @@ if [[ -n $CEIL_PID ]]; then stop_pid "$CEIL_PID"; fi
 # get_1m: GET latency with a large store. Coffer's large store lives in $CACHE/coffer-large and is
 # kept across runs (population over HTTPS is the slow part); each run adds up to
 # BENCH_POPULATE_BUDGET seconds of it until BENCH_LARGE_SECRETS are stored. OpenBao's store is in
-# memory, so it is populated afresh each run within BENCH_OPENBAO_POPULATE_BUDGET.
+# memory, so it is populated afresh each run within BENCH_OPENBAO_POPULATE_BUDGET. Its audit log
+# is per run ($RUN/coffer-large-audit; the audit keys are in the store): kept with the store, the
+# history of every run piled up (gigabytes) and get_1m ran against an index no fresh store has.
 if has "$SCENARIOS" get_1m; then
-  LPID= LPORT= LDIR=$CACHE/coffer-large LCOUNT=0 BCOUNT=0
+  LPID= LPORT= LDIR=$CACHE/coffer-large LCOUNT=0 BCOUNT=0 LAUDIT=(--audit-dir "$RUN/coffer-large-audit")
   if has "$SYSTEMS" coffer; then
+    if [[ -d $LDIR/audit ]]; then
+      log "removing the audit history kept in the large store by earlier runs ($(du -sh "$LDIR/audit" | cut -f1)) …"
+      rm -rf "$LDIR/audit"
+    fi
     LPORT=$(free_port)
     [[ -f $LDIR/bench-populated ]] && LCOUNT=$(cat "$LDIR/bench-populated")
     if [[ $LCOUNT -gt 0 ]]; then
       log "starting Coffer on the cached large store ($LCOUNT secrets, $LDIR) …"
-      if ! coffer_try_start "$LDIR" "$LPORT" "$RUN/logs/coffer-large.log"; then
+      if ! coffer_try_start "$LDIR" "$LPORT" "$RUN/logs/coffer-large.log" "${LAUDIT[@]}"; then
         note "the cached large store did not start with this build: rebuilt from scratch"
         LCOUNT=0
       fi
@@ -435,7 +441,7 @@ if has "$SCENARIOS" get_1m; then
     if [[ $LCOUNT -eq 0 ]]; then
       rm -rf "$LDIR"
       log "starting Coffer on a new large store ($LDIR) …"
-      coffer_start "$LDIR" "$LPORT" "$RUN/logs/coffer-large.log"
+      coffer_start "$LDIR" "$LPORT" "$RUN/logs/coffer-large.log" "${LAUDIT[@]}"
     fi
     LPID=$LAST_PID
     LADMIN=$(coffer_env "$LDIR" COFFER_TOKEN)
