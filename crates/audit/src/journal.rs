@@ -141,13 +141,13 @@ pub(crate) fn lost_not_changed(have: &[u8], want: &[u8]) -> bool {
     have.len() <= want.len() && have.iter().zip(want).all(|(h, w)| h == w || *h == 0)
 }
 
-/// For `verify`, which reports the file as it is: how many bytes of the journal's batches for
-/// the active file (`log`, as read) the file does not hold. After an OS crash they are
-/// acknowledged records that opening the log writes back; an unreadable journal counts as empty.
-pub(crate) fn unwritten(dir: &Path, log: &[u8]) -> usize {
-    let Ok((_, pending)) = read_pending(dir) else { return 0 };
+/// For `verify`, which reports the file as it is: how many bytes of the journal's batches
+/// (`pending`, read before the file: the writer appends to the file first) for the active file
+/// (`log`, as read) the file does not hold. After an OS crash they are acknowledged records that
+/// opening the log writes back.
+pub(crate) fn unwritten(pending: &[Pending], log: &[u8]) -> usize {
     let Some(first_line) = log.iter().position(|&b| b == b'\n').map(|p| &log[..=p]) else { return 0 };
-    batches_for(&pending, file_key(first_line))
+    batches_for(pending, file_key(first_line))
         .into_iter()
         .map(|p| {
             let have = log.get(p.offset as usize..).unwrap_or_default();

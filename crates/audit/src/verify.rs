@@ -197,12 +197,15 @@ pub fn verify_with_keys(dir_or_file: &Path, public_key_pems: &[&str]) -> VerifyR
     // One file of lookahead, so records moved across a file boundary read as reordered.
     let count = files.len();
     // What the commit journal holds beyond the active file (noted, not used: verify reports
-    // the files as they are).
+    // the files as they are). Read before the files' contents: on a live log every batch in it
+    // was appended to the file before it was journaled. An unreadable journal counts as empty.
+    let journaled =
+        dir.as_deref().and_then(|d| journal::read_pending(d).ok()).map(|(_, p)| p).unwrap_or_default();
     let mut unwritten = 0;
     let mut files = files.into_iter().map(|(p, r, f)| {
         let loaded = Loaded::read(p, r, f);
-        if let (None, Some(dir), Ok(bytes)) = (loaded.range, &dir, &loaded.bytes) {
-            unwritten = journal::unwritten(dir, bytes);
+        if let (None, Ok(bytes)) = (loaded.range, &loaded.bytes) {
+            unwritten = journal::unwritten(&journaled, bytes);
         }
         loaded
     });
