@@ -27,7 +27,7 @@ use std::time::Duration;
 use crate::files::sync_dir;
 
 pub(crate) const JOURNAL: &str = "journal";
-pub(crate) const JOURNAL_TMP: &str = "journal.tmp";
+const JOURNAL_TMP: &str = "journal.tmp";
 /// Slot alignment; block 0 holds the superblock.
 const BLOCK: u64 = 4096;
 const SUPER_MAGIC: &[u8; 8] = b"CFRJNL01";
@@ -46,12 +46,26 @@ pub(crate) fn file_key(first_line: &[u8]) -> FileKey {
     digest.as_ref()[..16].try_into().expect("SHA-256 is 32 bytes")
 }
 
+/// The key of a log file from its bytes; `None` without a complete first line (then nothing
+/// of it was journaled).
+pub(crate) fn key_of(log: &[u8]) -> Option<FileKey> {
+    log.iter().position(|&b| b == b'\n').map(|p| file_key(&log[..=p]))
+}
+
 /// A batch to rewrite into the log after a crash.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Pending {
     pub key: FileKey,
     pub offset: u64,
     pub bytes: Vec<u8>,
+}
+
+impl Pending {
+    /// What `log` holds where this batch was written (shorter if the file ends inside it).
+    pub(crate) fn found_in<'a>(&self, log: &'a [u8]) -> &'a [u8] {
+        let have = log.get(self.offset as usize..).unwrap_or_default();
+        &have[..have.len().min(self.bytes.len())]
+    }
 }
 
 /// A slot that holds log bytes not yet known durable in `audit.jsonl`.
@@ -146,14 +160,10 @@ pub(crate) fn lost_not_changed(have: &[u8], want: &[u8]) -> bool {
 /// (`log`, as read) the file does not hold. After an OS crash they are acknowledged records that
 /// opening the log writes back.
 pub(crate) fn unwritten(pending: &[Pending], log: &[u8]) -> usize {
-    let Some(first_line) = log.iter().position(|&b| b == b'\n').map(|p| &log[..=p]) else { return 0 };
-    batches_for(pending, file_key(first_line))
+    let Some(key) = key_of(log) else { return 0 };
+    batches_for(pending, key)
         .into_iter()
-        .map(|p| {
-            let have = log.get(p.offset as usize..).unwrap_or_default();
-            let have = &have[..have.len().min(p.bytes.len())];
-            p.bytes.len() - have.iter().zip(&p.bytes).filter(|(a, b)| a == b).count()
-        })
+        .map(|p| p.bytes.len() - p.found_in(log).iter().zip(&p.bytes).filter(|(a, b)| a == b).count())
         .sum()
 }
 
@@ -306,8 +316,20 @@ fn scan(file: &File, size: u64, epoch: u64) -> io::Result<Vec<Pending>> {
 /// commit fsync cheap) under a temporary name, then renames it into place.
 fn create_zeroed(dir: &Path, path: &Path, size: u64) -> io::Result<File> {
     let tmp = dir.join(JOURNAL_TMP);
-    let file =
-        OpenOptions::new().read(true).write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    write_zeroed(&tmp, size)
+        .and_then(|file| {
+            fs::rename(&tmp, path)?;
+            sync_dir(dir)?;
+            Ok(file)
+        })
+        .inspect_err(|_| {
+            // A partial file (no room, say) is not left behind.
+            let _ = fs::remove_file(&tmp);
+        })
+}
+
+fn write_zeroed(tmp: &Path, size: u64) -> io::Result<File> {
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).mode(0o600).open(tmp)?;
     let zeros = vec![0u8; 1 << 20];
     let mut at = 0;
     while at < size {
@@ -316,8 +338,6 @@ fn create_zeroed(dir: &Path, path: &Path, size: u64) -> io::Result<File> {
         at += n as u64;
     }
     file.sync_all()?;
-    fs::rename(&tmp, path)?;
-    sync_dir(dir)?;
     Ok(file)
 }
 

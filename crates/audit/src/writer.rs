@@ -380,7 +380,6 @@ fn open_journal(dir: &Path, bytes: u64) -> Result<Option<Journal>, AuditError> {
                  instead (as durable, slower)",
                 dir.display()
             );
-            let _ = fs::remove_file(dir.join(journal::JOURNAL_TMP));
             unused(dir)?;
             Ok(None)
         }
@@ -400,14 +399,10 @@ fn replay(active: &Path, pending: &[journal::Pending]) -> io::Result<(usize, usi
         Err(e) => return Err(e),
     };
     let bytes = fs::read(active)?;
-    let Some(first_line) = bytes.iter().position(|&b| b == b'\n').map(|p| &bytes[..=p]) else {
-        return Ok((0, 0, 0)); // no complete first line: nothing of this file was journaled
-    };
-    let key = journal::file_key(first_line);
+    let Some(key) = journal::key_of(&bytes) else { return Ok((0, 0, 0)) };
     let (mut end, mut rewritten, mut left) = (None, 0, 0);
     for p in journal::batches_for(pending, key) {
-        let have = bytes.get(p.offset as usize..).unwrap_or_default();
-        let have = &have[..have.len().min(p.bytes.len())];
+        let have = p.found_in(&bytes);
         if have != &p.bytes[..] {
             if journal::lost_not_changed(have, &p.bytes) {
                 file.write_all_at(&p.bytes, p.offset)?;
