@@ -822,3 +822,32 @@ async fn an_index_from_a_newer_version_is_rebuilt_from_the_files() {
     let secret = AuditQuery { secret: Some(event(4).resource.secret.unwrap()), ..Default::default() };
     assert_eq!(seqs(&query_all(&log, secret).await), [4]);
 }
+
+/// With the journal turned off, commits fsync the log itself and a journal left by an earlier
+/// run is removed (after its entries were replayed), so no later open can replay it stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turning_the_journal_off_removes_it_and_keeps_every_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = generate_signing_key().unwrap();
+    let log = AuditLog::open(config(tmp.path(), &key)).unwrap();
+    for i in 1..=20 {
+        log.record(event(i)).await.unwrap();
+    }
+    drop(log);
+    assert!(tmp.path().join("journal").exists());
+
+    let mut cfg = config(tmp.path(), &key);
+    cfg.journal_bytes = 0;
+    let log = AuditLog::open(cfg).unwrap();
+    assert!(!tmp.path().join("journal").exists(), "an unused journal stays behind");
+    for i in 21..=40 {
+        log.record(event(i)).await.unwrap();
+    }
+    drop(log);
+
+    let log = AuditLog::open(config(tmp.path(), &key)).unwrap();
+    let all = query_all(&log, AuditQuery::default()).await;
+    assert_eq!(seqs(&all), (1..=40).collect::<Vec<u64>>());
+    let report = verify(tmp.path(), &log.public_key_pem());
+    assert!(report.ok, "{}", show(&report));
+}
