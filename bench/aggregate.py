@@ -166,7 +166,7 @@ def main():
         if s in doc:
             absent.append("ceiling: get only (it serves one fixed body)")
 
-    targets = compute_targets(doc, coffer_audit)
+    targets = compute_targets(doc, coffer_audit, paired_ratios(raw, "coffer", "coffer_audit_off", "get"))
     out = {
         "schema": 1,
         "meta": {
@@ -210,7 +210,21 @@ def get(doc, system, sc, field):
     return doc.get(system, {}).get(sc, {}).get(field)
 
 
-def compute_targets(doc, coffer_audit):
+def paired_ratios(raw, system, baseline, sc):
+    """rps of `system` over rps of `baseline` for each repetition both completed (run one right
+    after the other, so each pair shares the machine's conditions)."""
+    out = []
+    for f in sorted((raw / system / sc).glob("rep*.json")):
+        b = raw / baseline / sc / f.name
+        if not b.exists():
+            continue
+        a_rps, b_rps = json.loads(f.read_text()).get("rps"), json.loads(b.read_text()).get("rps")
+        if a_rps and b_rps:
+            out.append(a_rps / b_rps)
+    return out
+
+
+def compute_targets(doc, coffer_audit, audit_pairs=()):
     t = []
     unaudited = "not implemented" in coffer_audit
 
@@ -254,6 +268,13 @@ def compute_targets(doc, coffer_audit):
             f"SCALED: measured at {n:,} secrets, not 1,000,000" if n < ONE_MILLION else None)
     else:
         add("GET at 1,000,000 secrets within 1.5x of GET at 1,000", None, "<= 1.5", False, "coffer get_1m")
+    # Issue 4: the audit's cost, from repetitions paired in time (audited, then unaudited).
+    ca, cu = get(doc, "coffer", "get", "rps"), get(doc, "coffer_audit_off", "get", "rps")
+    r = statistics.median(audit_pairs) if audit_pairs else None
+    add("issue 4: audited GET throughput >= 90% of unaudited (median of paired repetitions)", r, ">= 0.9",
+        r is not None and r >= 0.9,
+        f"pairs {', '.join(f'{x:.0%}' for x in audit_pairs) or '—'}; medians: coffer {fmt(ca)} req/s audited, "
+        f"{fmt(cu)} req/s with audit off")
     cold = doc.get("coffer", {}).get("cold_start_ms")
     add("cold start to first served secret <= 100 ms", cold, "<= 100 ms", cold is not None and cold <= 100,
         f"coffer {fmt(cold)} ms")
@@ -384,7 +405,7 @@ def markdown(out, doc, targets, meta, notes, absent, conditions):
         extra.append(f"- OpenBao large-store population (in memory, audited): {fmt(p['openbao_large_rps'])} /s")
     lines.extend(extra)
     lines.append("")
-    lines.append("**Targets (issue 6 §3), as ratios measured in this run**")
+    lines.append("**Targets (issue 6 §3 and issue 4's audit cost), as ratios measured in this run**")
     lines.append("")
     for t in targets:
         val = "" if t["status"] == "N/A" else f" — {fmt(t['value'])} (goal {t['goal']})"

@@ -305,6 +305,29 @@ if has "$SYSTEMS" coffer; then
   if coffer_identity "$CDIR"; then meta coffer_identity_endpoint "$ID_ENDPOINT"; fi
 fi
 
+# Coffer with audit off, beside the audited one: its GET and SET repetitions run right after the
+# audited ones, so that the audit's cost (issue 4: audited GET >= 90 % of unaudited) is measured
+# under the same conditions, rep by rep. Same population, token kind and RBAC; its own data dir.
+OFF_PID= OPORT= ODIR=$RUN/coffer-audit-off
+if [[ -n $COFFER_PID && $COFFER_HAS_AUDIT == 1 && ${BENCH_AUDIT_OFF:-1} == 1 ]]; then
+  OPORT=$(free_port)
+  log "starting Coffer with audit off ($COFFER_AUDIT_OFF_ARGS) on 127.0.0.1:$OPORT …"
+  # shellcheck disable=SC2086
+  coffer_start "$ODIR" "$OPORT" "$RUN/logs/coffer-audit-off.log" $COFFER_AUDIT_OFF_ARGS
+  OFF_PID=$LAST_PID
+  OADMIN=$(coffer_env "$ODIR" COFFER_TOKEN)
+  coffer_admin "$OPORT" "$OADMIN" "$ODIR/ca.pem" POST /admin/vaults '{"name":"bench","retentionDays":7}' >/dev/null ||
+    die "cannot create the bench vault (audit off)"
+  OTOKEN=$OADMIN
+  if coffer_workload "$ODIR" "$OPORT" "$OADMIN" bench dev; then OTOKEN=$WTOKEN; fi
+  [[ $CTOKEN == "$CADMIN" ]] && OTOKEN=$OADMIN # the same kind of token as the audited server's
+  coffer_identity "$CDIR" || true              # the token scenario uses the audited server's agent
+  mapfile -t OB < <(coffer_vault_args "$OPORT" bench "$OTOKEN" "$ODIR/ca.pem")
+  populate "coffer (audit off): populate $SMALL secrets" "$RUN/raw/coffer-audit-off-populate-small.json" "${OB[@]}" \
+    -c "$CONN_POP" --url "https://bench.localhost:$OPORT/secrets/bench-{i}?api-version=7.5" --method PUT \
+    --body "$VALUE" --count "$SMALL" --pid "$OFF_PID" --progress 0
+fi
+
 # ------------------------------------------------------------------------------------------------
 # OpenBao: dev server (in-memory storage), dev TLS, file audit device declared in the config file
 # and loaded by SIGHUP (this version refuses `bao audit enable` / PUT sys/audit).
@@ -388,6 +411,12 @@ scenario() { # SYSTEM SCENARIO REP
     idpid=$(pid_of_port "$idport")
     run_load coffer token "$rep" "${idpid:-$COFFER_PID}" -c "$CONN_TOKEN" --cacert "$CCA" -H "X-IDENTITY-HEADER: $ID_HEADER" \
       --url "$ID_ENDPOINT?api-version=2019-08-01&resource=https%3A%2F%2Flocalhost%3A$CPORT" ;;
+  coffer_audit_off/get)
+    run_load coffer_audit_off get "$rep" "$OFF_PID" "${OB[@]}" -c "$CONN_GET" --keys "$SMALL" \
+      --url "https://bench.localhost:$OPORT/secrets/bench-{i}/?api-version=7.5" ;;
+  coffer_audit_off/set)
+    run_load coffer_audit_off set "$rep" "$OFF_PID" "${OB[@]}" -c "$CONN_SET" --keys 1000 --method PUT --body "$VALUE" \
+      --url "https://dev.localhost:$OPORT/secrets/set-{i}?api-version=7.5" ;;
   openbao/get)
     run_load openbao get "$rep" "$BAO_PID" "${BB[@]}" -c "$CONN_GET" --keys "$SMALL" \
       --url "https://127.0.0.1:$BPORT/v1/secret/data/bench/k-{i}" ;;
@@ -407,9 +436,13 @@ scenario() { # SYSTEM SCENARIO REP
 for sc in get set list token; do
   has "$SCENARIOS" "$sc" || continue
   for rep in $(seq 1 "$REPS"); do
-    for sys in $SYSTEMS; do scenario "$sys" "$sc" "$rep"; done
+    for sys in $SYSTEMS; do
+      scenario "$sys" "$sc" "$rep"
+      if [[ $sys == coffer && -n $OFF_PID ]]; then scenario coffer_audit_off "$sc" "$rep"; fi
+    done
   done
 done
+if [[ -n $OFF_PID ]]; then stop_pid "$OFF_PID"; fi
 [[ -n $COFFER_PID ]] && meta coffer_rss_peak_kib "$(rss_kib "$COFFER_PID" VmHWM)"
 [[ -n $BAO_PID ]] && meta openbao_rss_peak_kib "$(rss_kib "$BAO_PID" VmHWM)"
 [[ -n $CEIL_PID ]] && meta ceiling_rss_peak_kib "$(rss_kib "$CEIL_PID" VmHWM)"
@@ -534,21 +567,10 @@ if [[ -n $COFFER_PID ]]; then
   # shellcheck disable=SC2086
   cold_start coffer $([[ $COFFER_HAS_AUDIT == 1 ]] && echo $COFFER_AUDIT_ON_ARGS)
 
-  # Audit off, when the server has the switch: the same GET and SET, unaudited.
+  # Audit off, when the server has the switch (its GET and SET ran beside the audited ones above).
   if [[ $COFFER_HAS_AUDIT == 1 && ${BENCH_AUDIT_OFF:-1} == 1 ]]; then
-    log "coffer with audit off ($COFFER_AUDIT_OFF_ARGS) …"
     # shellcheck disable=SC2086
     cold_start coffer_audit_off $COFFER_AUDIT_OFF_ARGS
-    # shellcheck disable=SC2086
-    coffer_start "$CDIR" "$CPORT" "$RUN/logs/coffer-audit-off.log" $COFFER_AUDIT_OFF_ARGS
-    APID=$LAST_PID
-    for rep in $(seq 1 "$REPS"); do
-      run_load coffer_audit_off get "$rep" "$APID" "${CB[@]}" -c "$CONN_GET" --keys "$SMALL" \
-        --url "https://bench.localhost:$CPORT/secrets/bench-{i}/?api-version=7.5"
-      run_load coffer_audit_off set "$rep" "$APID" "${CB[@]}" -c "$CONN_SET" --keys 1000 --method PUT --body "$VALUE" \
-        --url "https://dev.localhost:$CPORT/secrets/set-{i}?api-version=7.5"
-    done
-    stop_pid "$APID"
   fi
 fi
 
