@@ -456,6 +456,11 @@ mod tests {
         e.credential_hmac = Some(format!("hmac-sha256:{}", "ab".repeat(32)));
         e.request_id = "\u{0}\u{1f}".into();
         check(&e);
+        // Written as they are: DEL, a lowercase name; an IPv4 address with 1-3 digit octets.
+        e.request_id = "del\u{7f}".into();
+        e.resource.secret = Some("already-lowercase".into());
+        e.client_ip = Some("10.200.3.255".parse().unwrap());
+        check(&e);
     }
 
     #[test]
