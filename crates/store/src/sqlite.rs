@@ -21,6 +21,7 @@ mod checkpoint;
 mod directory;
 mod events;
 mod readers;
+mod versions;
 mod writer;
 
 use crate::{DeletedSecret, Result, SecretSummary, Store, StoreError, StoredVersion, VaultRecord};
@@ -76,6 +77,7 @@ pub struct SqliteStore {
     writer: writer::Writer,
     _checkpointer: checkpoint::Checkpointer,
     readers: Arc<readers::Readers>,
+    versions: versions::VersionCache,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -102,6 +104,7 @@ impl SqliteStore {
             writer: writer::Writer::start(writer, readers.clone())?,
             _checkpointer: checkpoint::Checkpointer::start(path, readers.clone())?,
             readers,
+            versions: versions::VersionCache::default(),
         })
     }
 
@@ -498,19 +501,30 @@ impl Store for SqliteStore {
                 )
             };
         }
-        self.read(|c| {
-            Ok(match version {
-                None => c
-                    .prepare_cached(select_version!("ORDER BY v.seq DESC LIMIT 1"))?
-                    .query_row(params![vault_id, name_key], stored_from_row)
-                    .optional()?,
-                Some(v) => c
-                    .prepare_cached(select_version!("AND v.version = ?3"))?
-                    .query_row(params![vault_id, name_key, v], stored_from_row)
-                    .optional()?,
+        // The commit count before the read (see `versions`).
+        let writes = self.readers.writes();
+        let key = versions::key(vault_id, name_key, version);
+        if let Some(cached) = self.versions.get(&key, writes) {
+            return Ok(Some(cached));
+        }
+        let found = self
+            .read(|c| {
+                Ok(match version {
+                    None => c
+                        .prepare_cached(select_version!("ORDER BY v.seq DESC LIMIT 1"))?
+                        .query_row(params![vault_id, name_key], stored_from_row)
+                        .optional()?,
+                    Some(v) => c
+                        .prepare_cached(select_version!("AND v.version = ?3"))?
+                        .query_row(params![vault_id, name_key, v], stored_from_row)
+                        .optional()?,
+                })
             })
-        })
-        .await
+            .await?;
+        if let Some(found) = &found {
+            self.versions.put(key, writes, found);
+        }
+        Ok(found)
     }
 
     async fn list_secrets(

@@ -62,6 +62,10 @@ pub(super) struct Readers {
     conns: Vec<Mutex<Reader>>,
     next: AtomicUsize,
     generation: AtomicU64,
+    /// Commits that changed rows so far (the version cache's tag; see `versions`). Bumped after
+    /// `generation`: whoever sees a commit counted here also sees its generation, so their read
+    /// takes a snapshot that holds the commit.
+    writes: AtomicU64,
 }
 
 impl Readers {
@@ -73,7 +77,12 @@ impl Readers {
                 Ok(Mutex::new(Reader { conn, snapshot: None }))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { conns, next: AtomicUsize::new(0), generation: AtomicU64::new(0) })
+        Ok(Self {
+            conns,
+            next: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+        })
     }
 
     /// Runs a read on a free reader connection, inline on the calling task: reads are short
@@ -94,14 +103,24 @@ impl Readers {
     }
 
     /// Called by the writer after every commit (and failed commit), before it answers: from the
-    /// next read on, readers take a new snapshot.
-    pub(super) fn committed(&self) {
+    /// next read on, readers take a new snapshot, and if it `changed` any row, cached versions
+    /// are stale.
+    pub(super) fn committed(&self, changed: bool) {
         self.generation.fetch_add(1, Ordering::Release);
+        if changed {
+            self.writes.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    /// The number of commits that changed rows so far. Read it *before* a read whose result is
+    /// cached under it.
+    pub(super) fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Acquire)
     }
 
     /// Unpins every snapshot (see the module documentation).
     pub(super) fn release(&self) {
-        self.committed();
+        self.generation.fetch_add(1, Ordering::Release);
         for conn in &self.conns {
             if let Ok(mut reader) = conn.try_lock() {
                 reader.end();

@@ -569,3 +569,101 @@ async fn releasing_readers_lets_a_checkpoint_copy_the_whole_wal() {
     let (log, copied) = checkpoint(&other);
     assert_eq!(copied, log, "after release every frame is copied");
 }
+
+/// The version cache never answers with less than what was acknowledged before the read: a
+/// version read (and cached), then each kind of change, then the same read sees the change.
+#[tokio::test]
+async fn a_cached_version_never_outlives_a_change() {
+    let (_d, store, vault) = store_with_vault().await;
+    let name = SecretName::parse("api").unwrap();
+    let latest = || async { store.version(&vault, "api", None).await.unwrap() };
+    let hits = || store.versions.hits.load(std::sync::atomic::Ordering::Relaxed);
+
+    store.add_version(&vault, &name, &props("a", 1), &sealed(1)).await.unwrap();
+    assert_eq!(latest().await.unwrap().props.version, "a");
+    assert_eq!(latest().await.unwrap().props.version, "a");
+    assert_eq!(hits(), 1, "the second read is served from the cache");
+    // A write that changes no row (nothing is due) keeps the cache.
+    assert_eq!(store.purge_due(0).await.unwrap(), 0);
+    assert_eq!(latest().await.unwrap().props.version, "a");
+    assert_eq!(hits(), 2);
+
+    // A new version.
+    store.add_version(&vault, &name, &props("b", 2), &sealed(2)).await.unwrap();
+    let now = latest().await.unwrap();
+    assert_eq!((now.props.version.as_str(), &now.sealed), ("b", &sealed(2)));
+    // Read by version too (another cache key), then disabled.
+    assert!(store.version(&vault, "api", Some("b")).await.unwrap().unwrap().props.attributes.enabled);
+    let patch = PropertiesPatch { enabled: Some(false), ..Default::default() };
+    store.update_version(&vault, "api", Some("b"), patch, 3).await.unwrap();
+    assert!(!latest().await.unwrap().props.attributes.enabled);
+    assert!(!store.version(&vault, "api", Some("b")).await.unwrap().unwrap().props.attributes.enabled);
+    // Deleted, recovered, deleted and purged.
+    let deletion = Deletion { deleted_at: 10, scheduled_purge: 20 };
+    store.delete_secret(&vault, "api", deletion).await.unwrap();
+    assert!(latest().await.is_none());
+    assert!(store.version(&vault, "api", Some("b")).await.unwrap().is_none());
+    store.recover(&vault, "api").await.unwrap();
+    assert_eq!(latest().await.unwrap().props.version, "b");
+    store.delete_secret(&vault, "api", deletion).await.unwrap();
+    store.purge(&vault, "api").await.unwrap();
+    assert!(latest().await.is_none());
+    // Restored from a backup: the backup's versions.
+    store.restore(&vault, &name, vec![(props("r", 30), sealed(30))]).await.unwrap();
+    assert_eq!(latest().await.unwrap().sealed, sealed(30));
+    // The vault deleted with its secrets.
+    store.delete_vault(&vault, "vault-kek:vault-1").await.unwrap();
+    assert!(latest().await.is_none());
+}
+
+/// Concurrent writers and readers: every read of the latest version that begins after a write
+/// was acknowledged returns that write or a later one, never an older cached one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_versions_follow_concurrent_writes() {
+    let (_dir, store, vault) = store_with_vault().await;
+    let store = std::sync::Arc::new(store);
+    let name = SecretName::parse("hot").unwrap();
+    store.add_version(&vault, &name, &props("v0000", 0), &sealed(0)).await.unwrap();
+    // Background readers keep the cache filled with whatever is current.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            let (store, vault, stop) = (store.clone(), vault.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    store.version(&vault, "hot", None).await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    for i in 1..=300u32 {
+        let version = format!("v{i:04}");
+        store.add_version(&vault, &name, &props(&version, i64::from(i)), &sealed(1)).await.unwrap();
+        for _ in 0..3 {
+            let got = store.version(&vault, "hot", None).await.unwrap().unwrap().props.version;
+            assert!(got >= version, "after write {version} a read returned {got}");
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        r.await.unwrap();
+    }
+    assert!(store.versions.hits.load(std::sync::atomic::Ordering::Relaxed) > 0, "the cache was used");
+}
+
+#[test]
+fn the_version_cache_is_bounded() {
+    let cache = versions::VersionCache::default();
+    let v = StoredVersion { name: "n".into(), props: props("v", 1), sealed: sealed(1) };
+    for i in 0..versions::MAX_ENTRIES + 10 {
+        cache.put(versions::key("vault", &format!("n{i}"), None), 7, &v);
+        assert!(cache.len() <= versions::MAX_ENTRIES);
+    }
+    assert!(cache
+        .get(&versions::key("vault", &format!("n{}", versions::MAX_ENTRIES + 9), None), 7)
+        .is_some());
+    assert!(cache.get(&versions::key("vault", "n0", None), 7).is_none(), "emptied when full");
+    let last = versions::key("vault", &format!("n{}", versions::MAX_ENTRIES + 9), None);
+    assert!(cache.get(&last, 8).is_none(), "an entry from before a commit is never used");
+}

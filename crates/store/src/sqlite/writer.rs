@@ -165,8 +165,11 @@ impl WriterThread {
         while let Ok(first) = self.queue.recv() {
             batch.push(first);
             batch.extend(self.queue.try_iter().take(MAX_BATCH - 1));
+            let changes_before = self.conn.total_changes();
             let outcome = run_batch(&mut self.conn, &mut batch);
-            self.readers.committed();
+            // A batch that changed no row (a periodic scan that found nothing) leaves cached
+            // versions valid; a failed one may have changed anything.
+            self.readers.committed(outcome.is_err() || self.conn.total_changes() != changes_before);
             if let Err(e) = &outcome {
                 tracing::warn!(writes = batch.len(), error = %e, "store: a group commit failed");
             }
