@@ -11,8 +11,9 @@
 //! every entry stale, so a read never returns less than what was acknowledged before it began.
 //! Entries hold what the database holds (the DEK wrapped, the value encrypted), nothing more.
 //!
-//! Bounded: at most [`MAX_ENTRIES`]; when full it is emptied rather than scanned for the least
-//! recently used, so a store far larger than the hot set costs one insert per read, no more.
+//! Bounded: at most [`MAX_ENTRIES`]; when full, an insert evicts an arbitrary entry rather than
+//! tracking the least recently used, so a store far larger than the hot set costs one insert and
+//! one removal per read, no more.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -59,7 +60,11 @@ impl VersionCache {
     pub(super) fn put(&self, key: String, writes: u64, version: &StoredVersion) {
         let Ok(mut entries) = self.entries.lock() else { return };
         if entries.len() >= MAX_ENTRIES && !entries.contains_key(&key) {
-            entries.clear();
+            // Evict an arbitrary entry (the first in the map's order: where a random hash put
+            // it): one removal per insert, never a pause to empty thousands.
+            if let Some(victim) = entries.keys().next().cloned() {
+                entries.remove(&victim);
+            }
         }
         entries.insert(key, (writes, version.clone()));
     }
