@@ -656,13 +656,19 @@ async fn cached_versions_follow_concurrent_writes() {
 fn the_version_cache_is_bounded() {
     let cache = versions::VersionCache::default();
     let v = StoredVersion { name: "n".into(), props: props("v", 1), sealed: sealed(1) };
+    let key = |i: usize| versions::key("vault", &format!("n{i}"), None);
     for i in 0..versions::MAX_ENTRIES + 10 {
-        cache.put(versions::key("vault", &format!("n{i}"), None), 7, &v);
-        assert!(cache.len() <= versions::MAX_ENTRIES);
+        cache.put(key(i), 7, &v);
     }
-    // Full, and the newest entry is in (one older entry made room for each insert).
+    // Full: the first ones stay, the later ones were not taken.
     assert_eq!(cache.len(), versions::MAX_ENTRIES);
-    let last = versions::key("vault", &format!("n{}", versions::MAX_ENTRIES + 9), None);
-    assert!(cache.get(&last, 7).is_some());
-    assert!(cache.get(&last, 8).is_none(), "an entry from before a commit is never used");
+    assert!(cache.get(&key(0), 7).is_some());
+    assert!(cache.get(&key(versions::MAX_ENTRIES), 7).is_none());
+    // A read that began before a change the cache has seen is not taken.
+    cache.put(key(1), 6, &v);
+    assert!(cache.get(&key(0), 8).is_none(), "an entry from before a change is never used");
+    // The first read after a change empties it.
+    cache.put(key(99_999), 8, &v);
+    assert_eq!(cache.len(), 1);
+    assert!(cache.get(&key(99_999), 8).is_some());
 }

@@ -5,15 +5,15 @@
 //! the request's CPU. Vault keeps a read cache in front of its storage for the same reason.
 //!
 //! How it stays correct: every write of this process goes through the writer thread, which
-//! counts its commits ([`Readers::writes`]) before answering anyone. An entry is tagged with the
-//! count read *before* the read that filled it, and used only while the count is unchanged: any
-//! commit at all (a new version, an update, a delete, a purge, a restore, a key rotation) makes
-//! every entry stale, so a read never returns less than what was acknowledged before it began.
-//! Entries hold what the database holds (the DEK wrapped, the value encrypted), nothing more.
+//! counts the commits that change a row ([`Readers::writes`]) before answering anyone. The cache
+//! holds only versions read by reads that began under the current count (read *before* the read):
+//! any change at all (a new version, an update, a delete, a purge, a restore) makes every entry
+//! stale, so a read never returns less than what was acknowledged before it began. Entries hold
+//! what the database holds (the DEK wrapped, the value encrypted), nothing more.
 //!
-//! Bounded: at most [`MAX_ENTRIES`]; when full, an insert evicts an arbitrary entry rather than
-//! tracking the least recently used, so a store far larger than the hot set costs one insert and
-//! one removal per read, no more.
+//! Bounded: at most [`MAX_ENTRIES`]; when full it takes nothing more until the next change
+//! empties it. A hot set fits; a store read uniformly across millions of names costs a lookup per
+//! read and no churn.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -25,9 +25,16 @@ pub(super) const MAX_ENTRIES: usize = 4096;
 
 #[derive(Default)]
 pub(super) struct VersionCache {
-    entries: Mutex<HashMap<String, (u64, StoredVersion)>>,
+    inner: Mutex<Entries>,
     #[cfg(test)]
     pub(super) hits: std::sync::atomic::AtomicU64,
+}
+
+/// Versions read under the commit count `writes`.
+#[derive(Default)]
+struct Entries {
+    writes: u64,
+    map: HashMap<String, StoredVersion>,
 }
 
 /// The key of a version: vault, name key, and the version (empty: the latest).
@@ -45,10 +52,10 @@ pub(super) fn key(vault_id: &str, name_key: &str, version: Option<&str>) -> Stri
 }
 
 impl VersionCache {
-    /// The version cached under `key`, if it was read while the commit count was `writes`.
+    /// The version cached under `key`, if the commit count is still `writes`.
     pub(super) fn get(&self, key: &str, writes: u64) -> Option<StoredVersion> {
-        let entries = self.entries.lock().ok()?;
-        let hit = entries.get(key).filter(|(tag, _)| *tag == writes).map(|(_, v)| v.clone());
+        let inner = self.inner.lock().ok()?;
+        let hit = (inner.writes == writes).then(|| inner.map.get(key).cloned()).flatten();
         #[cfg(test)]
         if hit.is_some() {
             self.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -58,19 +65,22 @@ impl VersionCache {
 
     /// Remembers `version`, read by a read that began when the commit count was `writes`.
     pub(super) fn put(&self, key: String, writes: u64, version: &StoredVersion) {
-        let Ok(mut entries) = self.entries.lock() else { return };
-        if entries.len() >= MAX_ENTRIES && !entries.contains_key(&key) {
-            // Evict an arbitrary entry (the first in the map's order: where a random hash put
-            // it): one removal per insert, never a pause to empty thousands.
-            if let Some(victim) = entries.keys().next().cloned() {
-                entries.remove(&victim);
-            }
+        let Ok(mut inner) = self.inner.lock() else { return };
+        if writes > inner.writes {
+            // The first read since a change: everything cached before it is stale.
+            inner.map.clear();
+            inner.writes = writes;
+        } else if writes < inner.writes {
+            // A change landed during this read: its result may already be stale.
+            return;
         }
-        entries.insert(key, (writes, version.clone()));
+        if inner.map.len() < MAX_ENTRIES || inner.map.contains_key(&key) {
+            inner.map.insert(key, version.clone());
+        }
     }
 
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
-        self.entries.lock().map(|e| e.len()).unwrap_or(0)
+        self.inner.lock().map(|e| e.map.len()).unwrap_or(0)
     }
 }
