@@ -77,6 +77,16 @@ fn text(out: &mut Vec<u8>, s: &str) {
     }
 }
 
+/// `s` lowercased, without the per-character work when it has no uppercase letter (ids,
+/// names as the SDKs spell them).
+fn lowercase(s: &str) -> String {
+    if s.is_ascii() && !s.bytes().any(|b| b.is_ascii_uppercase()) {
+        s.to_owned()
+    } else {
+        s.to_lowercase()
+    }
+}
+
 fn opt_text(out: &mut Vec<u8>, s: Option<&str>) {
     match s {
         Some(s) => text(out, s),
@@ -118,6 +128,17 @@ pub(crate) fn encode(e: &AuditEvent) -> Result<(Encoded, Cols), AuditError> {
     o.push(b'{');
     key(o, "callerIpAddress", true);
     match e.client_ip {
+        // IPv4, nearly every caller: written directly rather than through `fmt`.
+        Some(std::net::IpAddr::V4(ip)) => {
+            o.push(b'"');
+            for (i, octet) in ip.octets().into_iter().enumerate() {
+                if i > 0 {
+                    o.push(b'.');
+                }
+                num(o, octet);
+            }
+            o.push(b'"');
+        }
         Some(ip) => {
             use std::io::Write;
             write!(o, "\"{ip}\"").expect("writing into memory");
@@ -216,7 +237,7 @@ pub(crate) fn encode(e: &AuditEvent) -> Result<(Encoded, Cols), AuditError> {
     write_rfc3339(o, time);
     o.extend_from_slice(b"\"}");
 
-    let lower = |s: &str| if s.len() <= MAX_FIELD_BYTES { s.to_lowercase() } else { cap(s).to_lowercase() };
+    let lower = |s: &str| if s.len() <= MAX_FIELD_BYTES { lowercase(s) } else { lowercase(&cap(s)) };
     let cols = Cols {
         time_us,
         principal_id: e.principal.as_ref().map(|p| lower(&p.id)),
@@ -224,7 +245,7 @@ pub(crate) fn encode(e: &AuditEvent) -> Result<(Encoded, Cols), AuditError> {
         vault: e.resource.vault.as_deref().map(lower),
         secret: e.resource.secret.as_deref().map(lower),
         operation: lower(&e.operation),
-        result: e.result.result_type().to_lowercase(),
+        result: e.result.result_type().to_ascii_lowercase(),
     };
     Ok((Encoded { bytes: std::mem::take(o), prev_at, seq_at }, cols))
 }
