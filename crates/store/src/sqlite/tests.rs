@@ -671,4 +671,15 @@ fn the_version_cache_is_bounded() {
     cache.put(key(99_999), 8, &v);
     assert_eq!(cache.len(), 1);
     assert!(cache.get(&key(99_999), 8).is_some());
+    // Large values: bounded by bytes long before the entry count.
+    let big = StoredVersion {
+        sealed: SealedValue { wrapped_dek: vec![1; 60], ciphertext: vec![2; 25 * 1024] },
+        ..v.clone()
+    };
+    for i in 0..versions::MAX_ENTRIES {
+        cache.put(key(i), 9, &big);
+    }
+    let kept = cache.len();
+    assert!(kept * 25 * 1024 <= versions::MAX_BYTES, "{kept} values of 25 KiB");
+    assert!(kept >= versions::MAX_BYTES / (26 * 1024), "{kept}");
 }

@@ -11,8 +11,8 @@
 //! stale, so a read never returns less than what was acknowledged before it began. Entries hold
 //! what the database holds (the DEK wrapped, the value encrypted), nothing more.
 //!
-//! Bounded: at most [`MAX_ENTRIES`]; when full it takes nothing more until the next change
-//! empties it. A hot set fits; a store read uniformly across millions of names costs a lookup per
+//! Bounded: at most [`MAX_ENTRIES`] and [`MAX_BYTES`]; when full it takes nothing more until the
+//! next change empties it. A hot set fits; a store read uniformly across millions of names costs a lookup per
 //! read and no churn.
 
 use std::collections::HashMap;
@@ -20,8 +20,10 @@ use std::sync::Mutex;
 
 use crate::StoredVersion;
 
-/// About 1-2 MiB when full (a version is a few hundred bytes).
+/// Versions kept at most …
 pub(super) const MAX_ENTRIES: usize = 4096;
+/// … and bytes (values can reach 25 KB: 4,096 of those would be 100 MB).
+pub(super) const MAX_BYTES: usize = 8 << 20;
 
 #[derive(Default)]
 pub(super) struct VersionCache {
@@ -35,6 +37,21 @@ pub(super) struct VersionCache {
 struct Entries {
     writes: u64,
     map: HashMap<String, StoredVersion>,
+    /// What the entries hold, roughly (see [`footprint`]).
+    bytes: usize,
+}
+
+/// Heap bytes an entry holds, roughly: its strings and blobs plus a fixed overhead.
+fn footprint(key: &str, v: &StoredVersion) -> usize {
+    let p = &v.props;
+    let tags: usize = p.tags.iter().map(|(k, v)| k.len() + v.len() + 48).sum();
+    256 + key.len()
+        + v.name.len()
+        + p.version.len()
+        + p.content_type.as_ref().map_or(0, String::len)
+        + tags
+        + v.sealed.wrapped_dek.len()
+        + v.sealed.ciphertext.len()
 }
 
 /// The key of a version: vault, name key, and the version (empty: the latest).
@@ -69,14 +86,20 @@ impl VersionCache {
         if writes > inner.writes {
             // The first read since a change: everything cached before it is stale.
             inner.map.clear();
+            inner.bytes = 0;
             inner.writes = writes;
         } else if writes < inner.writes {
             // A change landed during this read: its result may already be stale.
             return;
         }
-        if inner.map.len() < MAX_ENTRIES || inner.map.contains_key(&key) {
-            inner.map.insert(key, version.clone());
+        let size = footprint(&key, version);
+        let full = inner.map.len() >= MAX_ENTRIES || inner.bytes + size > MAX_BYTES;
+        if full || inner.map.contains_key(&key) {
+            // Full, or cached already (by a concurrent read under the same count: the same row).
+            return;
         }
+        inner.bytes += size;
+        inner.map.insert(key, version.clone());
     }
 
     #[cfg(test)]
