@@ -1,19 +1,20 @@
 //! A small cache of secret versions as last read (value still sealed), in front of the reader
 //! connections, for the hot path: the same few secrets fetched again and again.
 //!
-//! Why: a secret GET's one SQL statement (two B-tree searches, the row's columns) was ≈ 15 % of
-//! the request's CPU. Vault keeps a read cache in front of its storage for the same reason.
+//! Why: a secret GET's one SQL statement (two B-tree searches, the row's columns) was ≈ 20 % of
+//! the request path's instructions. Vault keeps a read cache in front of its storage for the same
+//! reason.
 //!
 //! How it stays correct: every write of this process goes through the writer thread, which
-//! counts the commits that change a row ([`Readers::writes`]) before answering anyone. The cache
-//! holds only versions read by reads that began under the current count (read *before* the read):
-//! any change at all (a new version, an update, a delete, a purge, a restore) makes every entry
-//! stale, so a read never returns less than what was acknowledged before it began. Entries hold
-//! what the database holds (the DEK wrapped, the value encrypted), nothing more.
+//! counts the commits that change a row (`Readers::writes`) before answering anyone. The cache
+//! holds only versions returned by reads that began under the current count (read *before* the
+//! read): any change at all (a new version, an update, a delete, a purge, a restore) makes every
+//! entry stale, so a read never returns less than what was acknowledged before it began. Entries
+//! hold what the database holds (the DEK wrapped, the value encrypted), nothing more.
 //!
 //! Bounded: at most [`MAX_ENTRIES`] and [`MAX_BYTES`]; when full it takes nothing more until the
-//! next change empties it. A hot set fits; a store read uniformly across millions of names costs a lookup per
-//! read and no churn.
+//! next change empties it. A hot set fits; a store read uniformly across millions of names costs
+//! one lookup per read and no churn.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -95,7 +96,7 @@ impl VersionCache {
         let size = footprint(&key, version);
         let full = inner.map.len() >= MAX_ENTRIES || inner.bytes + size > MAX_BYTES;
         if full || inner.map.contains_key(&key) {
-            // Full, or cached already (by a concurrent read under the same count: the same row).
+            // Full, or cached already by another read under the same count (either is current).
             return;
         }
         inner.bytes += size;
