@@ -559,7 +559,19 @@ struct Ctx<'a> {
 
 impl<'a> Ctx<'a> {
     fn base(&self) -> String {
-        format!("https://{}", self.host)
+        self.url(&[])
+    }
+
+    /// `https://<host>` followed by `parts`, in one allocation: ids are built for every secret
+    /// returned, and `format!` showed in GET profiles.
+    fn url(&self, parts: &[&str]) -> String {
+        const SCHEME: &str = "https://";
+        let len = SCHEME.len() + self.host.len() + parts.iter().map(|p| p.len()).sum::<usize>();
+        let mut url = String::with_capacity(len);
+        for part in [SCHEME, self.host].iter().chain(parts) {
+            url.push_str(part);
+        }
+        url
     }
 
     fn attributes(&self, p: &VersionProperties) -> AttributesOut {
@@ -578,7 +590,7 @@ impl<'a> Ctx<'a> {
     fn bundle<'b>(&self, name: &str, p: &'b VersionProperties, value: Option<&'b str>) -> Bundle<'b> {
         Bundle {
             value,
-            id: format!("{}/secrets/{name}/{}", self.base(), p.version),
+            id: self.url(&["/secrets/", name, "/", &p.version]),
             content_type: p.content_type.as_deref(),
             attributes: self.attributes(p),
             tags: (!p.tags.is_empty()).then_some(&p.tags),
@@ -588,7 +600,7 @@ impl<'a> Ctx<'a> {
     fn item<'b>(&self, name: &str, p: &'b VersionProperties, with_version: bool) -> Bundle<'b> {
         let mut b = self.bundle(name, p, None);
         if !with_version {
-            b.id = format!("{}/secrets/{name}", self.base());
+            b.id = self.url(&["/secrets/", name]);
         }
         b
     }
@@ -596,7 +608,7 @@ impl<'a> Ctx<'a> {
     fn deleted_bundle<'b>(&self, d: &'b DeletedSecret) -> DeletedBundle<'b> {
         DeletedBundle {
             bundle: self.bundle(&d.name, &d.latest, None),
-            recovery_id: format!("{}/deletedsecrets/{}", self.base(), d.name),
+            recovery_id: self.url(&["/deletedsecrets/", &d.name]),
             deleted_date: d.deletion.deleted_at,
             scheduled_purge_date: d.deletion.scheduled_purge,
         }
@@ -604,7 +616,7 @@ impl<'a> Ctx<'a> {
 
     fn deleted_item<'b>(&self, d: &'b DeletedSecret) -> DeletedBundle<'b> {
         let mut b = self.deleted_bundle(d);
-        b.bundle.id = format!("{}/secrets/{}", self.base(), d.name);
+        b.bundle.id = self.url(&["/secrets/", &d.name]);
         b
     }
 
@@ -635,6 +647,42 @@ mod tests {
         assert_eq!(r(Method::POST, "/deletedsecrets/db/recover").unwrap(), Route::Recover("db"));
         assert!(r(Method::GET, "/keys/k").is_err());
         assert_eq!(r(Method::PUT, "/secrets").unwrap_err().status, StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[test]
+    fn ids_are_the_vault_url_and_the_secret_path() {
+        let ctx = Ctx {
+            host: "prod.localhost:8443",
+            policy: RetentionPolicy { retention_days: 7, purge_protection: false },
+            api_version: "7.5",
+        };
+        let props = VersionProperties {
+            version: "0f3a".into(),
+            attributes: coffer_core::model::VersionAttributes {
+                enabled: true,
+                not_before: None,
+                expires: None,
+                created: 1,
+                updated: 1,
+            },
+            content_type: None,
+            tags: Default::default(),
+        };
+        assert_eq!(
+            ctx.bundle("Db-Pass", &props, None).id,
+            "https://prod.localhost:8443/secrets/Db-Pass/0f3a"
+        );
+        assert_eq!(ctx.item("Db-Pass", &props, false).id, "https://prod.localhost:8443/secrets/Db-Pass");
+        let deleted = DeletedSecret {
+            name: "Db-Pass".into(),
+            deletion: coffer_core::model::Deletion { deleted_at: 2, scheduled_purge: 3 },
+            latest: props.clone(),
+        };
+        let d = ctx.deleted_bundle(&deleted);
+        assert_eq!(d.recovery_id, "https://prod.localhost:8443/deletedsecrets/Db-Pass");
+        assert_eq!(d.bundle.id, "https://prod.localhost:8443/secrets/Db-Pass/0f3a");
+        assert_eq!(ctx.deleted_item(&deleted).bundle.id, "https://prod.localhost:8443/secrets/Db-Pass");
+        assert_eq!(ctx.base(), "https://prod.localhost:8443");
     }
 
     #[test]
