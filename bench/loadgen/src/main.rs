@@ -7,6 +7,8 @@
 //! * `populate`: N requests with sequential `{i}` (e.g. PUT secret i) over concurrent
 //!   connections, with retries, progress on stderr and a time bound.
 //! * `coldstart`: spawns a server command and measures process start → first 2xx response.
+//! * `commit-probe`: what one durable commit costs on this disk, without Coffer: an overwrite
+//!   of a preallocated file and `fdatasync`, repeated; latency percentiles and CPU per commit.
 //!
 //! URL and body are templates: `{i}` is a key index (random in `0..keys` for `run`, sequential
 //! for `populate`), `{seq}` a process-wide unique counter, `{conn}` the connection number.
@@ -50,6 +52,24 @@ enum Cmd {
     Populate(PopulateArgs),
     /// Spawn a server (after `--`) and time process start → first 2xx response; prints JSON.
     Coldstart(ColdArgs),
+    /// Time durable commits on the disk under DIR (write + fdatasync); prints JSON.
+    CommitProbe(CommitProbeArgs),
+}
+
+#[derive(Args, Clone)]
+struct CommitProbeArgs {
+    /// Directory on the filesystem to measure (a scratch file is created and removed there).
+    #[arg(long)]
+    dir: PathBuf,
+    /// Commits to time.
+    #[arg(long, default_value_t = 500)]
+    count: usize,
+    /// Bytes per commit (a group commit of ~30 audit records is ~24 KiB).
+    #[arg(long, default_value_t = 24 * 1024)]
+    bytes: usize,
+    /// Write the JSON result here as well as to stdout.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -683,6 +703,71 @@ fn runtime(threads: usize) -> tokio::runtime::Runtime {
     .expect("tokio runtime")
 }
 
+/// CPU time (user + system) this thread has used.
+fn thread_cpu() -> Duration {
+    // SAFETY: getrusage writes one `rusage` into the zeroed value it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    assert_eq!(rc, 0, "getrusage(RUSAGE_THREAD)");
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// The cost of the one thing a durable commit cannot avoid: journals overwrite preallocated
+/// blocks and `fdatasync` them, as Coffer's audit journal does. Why in the bench: an audited
+/// request waits for such a commit and pays a share of its CPU, so this is the floor under the
+/// audit's cost on the machine the figures come from.
+fn commit_probe(a: &CommitProbeArgs) -> Result<Value, AnyError> {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::io::AsRawFd;
+    const FILE_BYTES: usize = 8 << 20;
+    if a.bytes == 0 || a.bytes > FILE_BYTES / 2 || a.count == 0 {
+        return Err("commit-probe: --bytes must be 1..=4 MiB and --count at least 1".into());
+    }
+    let path = a.dir.join(format!(".commit-probe-{}", std::process::id()));
+    let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+    let result = (|| -> Result<Value, AnyError> {
+        // SAFETY: a plain syscall on an open descriptor.
+        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, FILE_BYTES as libc::off_t) };
+        if rc != 0 {
+            return Err(format!(
+                "posix_fallocate {}: {}",
+                path.display(),
+                std::io::Error::from_raw_os_error(rc)
+            )
+            .into());
+        }
+        file.sync_all()?;
+        let buf: Vec<u8> = (0..a.bytes).map(|i| (i * 131 % 251) as u8).collect();
+        let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+        let (mut offset, cpu0, wall0) = (0usize, thread_cpu(), Instant::now());
+        for _ in 0..a.count {
+            if offset + a.bytes > FILE_BYTES {
+                offset = 0;
+            }
+            let t = Instant::now();
+            file.write_all_at(&buf, offset as u64)?;
+            file.sync_data()?;
+            h.saturating_record(t.elapsed().as_micros() as u64);
+            offset += a.bytes.div_ceil(4096) * 4096;
+        }
+        let (cpu, wall) = (thread_cpu() - cpu0, wall0.elapsed());
+        let us = |q: f64| h.value_at_quantile(q);
+        Ok(json!({
+            "commits": a.count,
+            "bytes_per_commit": a.bytes,
+            "p50_us": us(0.50),
+            "p90_us": us(0.90),
+            "p99_us": us(0.99),
+            "mean_us": (h.mean() * 10.0).round() / 10.0,
+            "cpu_us_per_commit": (cpu.as_secs_f64() * 1e6 / a.count as f64 * 10.0).round() / 10.0,
+            "wall_s": (wall.as_secs_f64() * 1000.0).round() / 1000.0,
+        }))
+    })();
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
 fn emit(out: &Option<PathBuf>, v: &Value) -> Result<(), AnyError> {
     let s = serde_json::to_string_pretty(v)?;
     println!("{s}");
@@ -1012,10 +1097,18 @@ async fn coldstart(a: ColdArgs) -> Result<Value, AnyError> {
 
 fn main() {
     let cli = Cli::parse();
+    if let Cmd::CommitProbe(a) = &cli.cmd {
+        if let Err(e) = commit_probe(a).and_then(|v| emit(&a.out, &v)) {
+            eprintln!("loadgen: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let (threads, out) = match &cli.cmd {
         Cmd::Run(a) => (a.target.threads, a.target.out.clone()),
         Cmd::Populate(a) => (a.target.threads, a.target.out.clone()),
         Cmd::Coldstart(a) => (1, a.target.out.clone()),
+        Cmd::CommitProbe(_) => unreachable!("handled above"),
     };
     let rt = runtime(threads);
     let result = rt.block_on(async move {
@@ -1023,6 +1116,7 @@ fn main() {
             Cmd::Run(a) => run(a).await,
             Cmd::Populate(a) => populate(a).await,
             Cmd::Coldstart(a) => coldstart(a).await,
+            Cmd::CommitProbe(_) => unreachable!("handled above"),
         }
     });
     match result.and_then(|v| emit(&out, &v)) {
