@@ -32,6 +32,8 @@ if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
   (cd "$BENCH_DIR/loadgen" && cargo build --release -q) || die "cargo build (loadgen) failed"
 fi
 [[ -x $COFFER && -x $LOADGEN ]] || die "missing $COFFER or $LOADGEN (build first)"
+source "$BENCH_DIR/lib.sh"
+COFFER_HAS_IDENTITY=1
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 SERVER_PID=
@@ -56,23 +58,14 @@ measure() {
     sleep 0.2
   done
   grep -q ready "$dir/server.log" || die "$label: server not ready after 120 s"
-  local admin ca token endpoint header lg
+  local admin ca lg
   admin=$(bash -c 'source "$1/admin.env" && printf %s "$COFFER_TOKEN"' _ "$dir/data")
   ca=$dir/data/ca.pem
-  cli() { COFFER_URL="https://localhost:$port" COFFER_TOKEN="$admin" COFFER_CA_FILE="$ca" "$COFFER" "$@" >/dev/null; }
   curl -sS --fail --resolve "localhost:$port:127.0.0.1" --cacert "$ca" -X POST -H "Authorization: Bearer $admin" \
     -H 'content-type: application/json' --data '{"name":"bench","retentionDays":7}' "https://localhost:$port/admin/vaults" >/dev/null
   # The workload token the timed bench uses: a managed identity bound to the load generator.
-  cli identity create bench-app
-  cli role assign --principal bench-app --role "Key Vault Secrets Officer" --scope /vaults/bench
-  cli identity bind bench-app --exe "$LOADGEN"
-  cli identity bind bench-app --exe "$(readlink -f "$(command -v curl)")"
-  endpoint=$(bash -c 'source "$1/dev.env" && printf %s "$IDENTITY_ENDPOINT"' _ "$dir/data")
-  header=$(bash -c 'source "$1/dev.env" && printf %s "$IDENTITY_HEADER"' _ "$dir/data")
-  token=$(curl -sS --fail -H "X-IDENTITY-HEADER: $header" \
-    "$endpoint?api-version=2019-08-01&resource=https%3A%2F%2Flocalhost%3A$port" |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
-  lg=("$LOADGEN" populate --connect "127.0.0.1:$port" --cacert "$ca" -H "Authorization: Bearer $token" -c "$CONNS"
+  coffer_workload "$dir/data" "$port" "$admin" bench || die "$label: no managed-identity token (see $dir/server.log)"
+  lg=("$LOADGEN" populate --connect "127.0.0.1:$port" --cacert "$ca" -H "Authorization: Bearer $WTOKEN" -c "$CONNS"
     --count "$GETS" --progress 0)
   "${lg[@]}" --method PUT --body '{"value":"bench-{seq}-0123456789abcdefghijklmnopqrstuvwxyz0123456789"}' \
     --url "https://bench.localhost:$port/secrets/bench-{i}?api-version=7.5" >"$dir/populate.json"
