@@ -1133,6 +1133,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn commit_probe_reports_its_commits_and_cleans_up() {
+        let dir = std::env::temp_dir().join(format!("commit-probe-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let args = |count, bytes| CommitProbeArgs { dir: dir.clone(), count, bytes, out: None };
+        let v = commit_probe(&args(5, 10_000)).unwrap();
+        assert_eq!((v["commits"].as_u64(), v["bytes_per_commit"].as_u64()), (Some(5), Some(10_000)));
+        let (p50, p99) = (v["p50_us"].as_u64().unwrap(), v["p99_us"].as_u64().unwrap());
+        assert!(p50 >= 1 && p50 <= p99, "{v}");
+        assert!(v["cpu_us_per_commit"].as_f64().unwrap() >= 0.0, "{v}");
+        assert!(commit_probe(&args(0, 10)).is_err());
+        assert!(commit_probe(&args(1, 8 << 20)).is_err());
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "the scratch file is removed");
+        std::fs::remove_dir(&dir).unwrap();
+    }
+
+    #[test]
     fn templates_render() {
         let t = Template::parse("/secrets/k-{i}/?v={seq}&c={conn}{");
         assert_eq!(t.render(7, 9, 3), "/secrets/k-7/?v=9&c=3{");
