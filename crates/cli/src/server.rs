@@ -66,6 +66,10 @@ pub struct ServerSettings {
     /// Rotate the audit file beyond this size (default 4 MiB).
     #[arg(long, env = "COFFER_AUDIT_MAX_FILE_MIB")]
     audit_max_file_mib: Option<u64>,
+    /// Size of the audit commit journal, a preallocated file that makes each group commit
+    /// durable with one fsync (default 8 MiB; 0 turns it off).
+    #[arg(long, env = "COFFER_AUDIT_JOURNAL_MIB")]
+    audit_journal_mib: Option<u64>,
 }
 
 fn parse_on_off(text: &str) -> Result<bool, String> {
@@ -108,6 +112,7 @@ impl ServerSettings {
             audit_stdout: self.audit_stdout,
             audit_retention_days: self.audit_retention_days,
             audit_max_file_mib: self.audit_max_file_mib,
+            audit_journal_mib: self.audit_journal_mib,
         };
         Ok(ServerConfig::resolve(mode, file.overlay(flags), prompt_passphrase)?)
     }

@@ -199,6 +199,38 @@ async fn one_record_per_request_and_no_secret_material() {
     assert!(report.contains("PROBLEM") && report.contains("audit.jsonl"), "{report}");
 }
 
+/// `--audit-journal-mib`: 0 runs without the commit journal (and removes one left behind), N
+/// preallocates N MiB; either way every acknowledged record is in the log and it verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_journal_size_is_configurable() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let journal = data.join("audit").join("journal");
+    let port = free_port();
+    let mut written = 0;
+    for (mib, name) in [("1", "with-1mib"), ("0", "without"), ("2", "with-2mib")] {
+        let server = TestServer::start(&data, port, &["--audit-journal-mib", mib]);
+        let value = format!("journal-{name}");
+        let (ok, _, err) = cli(&server, &["secret", "set", name, "--value", &value]);
+        assert!(ok, "{mib} MiB: {err}");
+        written += 1;
+        match mib {
+            "0" => assert!(!journal.exists(), "no journal with --audit-journal-mib 0"),
+            n => assert_eq!(std::fs::metadata(&journal).unwrap().len(), n.parse::<u64>().unwrap() << 20),
+        }
+        drop(server);
+    }
+    let sets: Vec<_> =
+        records(&data.join("audit")).into_iter().filter(|r| r["operationName"] == "SecretSet").collect();
+    assert_eq!(sets.len(), written);
+    let verify = Command::new(BIN).args(["audit", "verify", "--data-dir"]).arg(&data).output().unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    match TestServer::try_start(&data, port, &["--audit-journal-mib", "4096"]) {
+        Ok(_) => panic!("a 4 GiB journal was accepted"),
+        Err(log) => assert!(log.contains("audit_journal_mib"), "{log}"),
+    }
+}
+
 /// A full audit disk: requests fail with 503 and no value leaves the server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_audit_disk_fails_closed() {

@@ -37,6 +37,9 @@ pub struct FileConfig {
     pub audit_stdout: Option<bool>,
     pub audit_retention_days: Option<u64>,
     pub audit_max_file_mib: Option<u64>,
+    /// Size of the audit commit journal in MiB (default 8; 0 turns it off: each group commit
+    /// then fsyncs the growing audit file).
+    pub audit_journal_mib: Option<u64>,
 }
 
 impl FileConfig {
@@ -67,6 +70,7 @@ impl FileConfig {
             audit_stdout: other.audit_stdout.or(self.audit_stdout),
             audit_retention_days: other.audit_retention_days.or(self.audit_retention_days),
             audit_max_file_mib: other.audit_max_file_mib.or(self.audit_max_file_mib),
+            audit_journal_mib: other.audit_journal_mib.or(self.audit_journal_mib),
         }
     }
 }
@@ -124,6 +128,8 @@ pub struct AuditSettings {
     pub stdout: bool,
     pub retention_days: Option<u64>,
     pub max_file_mib: u64,
+    /// The commit journal's size; 0: none.
+    pub journal_mib: u64,
 }
 
 impl AuditSettings {
@@ -133,12 +139,20 @@ impl AuditSettings {
         if max_file_mib == 0 {
             return Err(ConfigError::Invalid("audit_max_file_mib must be at least 1".into()));
         }
+        // Larger buys nothing: a commit larger than the journal bypasses it (fsyncs the file).
+        let journal_mib = file.audit_journal_mib.unwrap_or(8);
+        if journal_mib > 1024 {
+            return Err(ConfigError::Invalid(format!(
+                "audit_journal_mib is {journal_mib}: use 0 (no journal) to 1024"
+            )));
+        }
         Ok(Self {
             enabled: file.audit.unwrap_or(true),
             dir: file.audit_dir.clone(),
             stdout: file.audit_stdout.unwrap_or(false),
             retention_days: file.audit_retention_days,
             max_file_mib,
+            journal_mib,
         })
     }
 }
@@ -355,5 +369,17 @@ mod tests {
         assert!(matches!(c.tls, TlsSource::DevCa));
         let bad = FileConfig { zone: Some("bad zone".into()), ..Default::default() };
         assert!(ServerConfig::resolve(Mode::Dev, bad, no_prompt).is_err());
+        assert_eq!((c.audit.max_file_mib, c.audit.journal_mib), (4, 8));
+    }
+
+    #[test]
+    fn audit_journal_size_is_bounded_and_can_be_off() {
+        let with = |mib| FileConfig { audit_journal_mib: Some(mib), ..Default::default() };
+        let off = ServerConfig::resolve(Mode::Dev, with(0), no_prompt).unwrap();
+        assert_eq!(off.audit.journal_mib, 0);
+        let err = ServerConfig::resolve(Mode::Dev, with(4096), no_prompt).unwrap_err();
+        assert!(err.to_string().contains("audit_journal_mib"), "{err}");
+        let file: FileConfig = toml::from_str("audit_journal_mib = 2\n").unwrap();
+        assert_eq!(ServerConfig::resolve(Mode::Dev, file, no_prompt).unwrap().audit.journal_mib, 2);
     }
 }

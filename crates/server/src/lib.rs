@@ -328,6 +328,7 @@ async fn audit_config(core: &Core) -> anyhow::Result<(coffer_audit::AuditConfig,
     let mut config = coffer_audit::AuditConfig::new(&dir, hmac, signing);
     config.stdout = settings.stdout;
     config.max_file_bytes = settings.max_file_mib * 1024 * 1024;
+    config.journal_bytes = settings.journal_mib * 1024 * 1024;
     config.retention = settings.retention_days.map(|d| Duration::from_secs(d * 86_400));
     Ok((config, dir))
 }
