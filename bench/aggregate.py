@@ -169,7 +169,8 @@ def main():
     probe_file = raw / "commit-probe.json"
     commit_probe = json.loads(probe_file.read_text()) if probe_file.exists() else None
     targets = compute_targets(doc, coffer_audit, paired_ratios(raw, "coffer", "coffer_audit_off", "get"),
-                              commit_probe)
+                              commit_probe,
+                              paired_cpu_differences(raw, "coffer", "coffer_audit_off", "get"))
     out = {
         "schema": 1,
         "meta": {
@@ -214,21 +215,32 @@ def get(doc, system, sc, field):
     return doc.get(system, {}).get(sc, {}).get(field)
 
 
-def paired_ratios(raw, system, baseline, sc):
-    """rps of `system` over rps of `baseline` for each repetition both completed (run one right
-    after the other, so each pair shares the machine's conditions)."""
+def paired(raw, system, baseline, sc, combine, field=lambda r: r.get("rps")):
+    """combine(field of `system`, field of `baseline`) for each repetition both completed (run one
+    right after the other, so each pair shares the machine's conditions)."""
     out = []
     for f in sorted((raw / system / sc).glob("rep*.json")):
         b = raw / baseline / sc / f.name
         if not b.exists():
             continue
-        a_rps, b_rps = json.loads(f.read_text()).get("rps"), json.loads(b.read_text()).get("rps")
-        if a_rps and b_rps:
-            out.append(a_rps / b_rps)
+        a_val, b_val = field(json.loads(f.read_text())), field(json.loads(b.read_text()))
+        if a_val and b_val:
+            out.append(combine(a_val, b_val))
     return out
 
 
-def compute_targets(doc, coffer_audit, audit_pairs=(), commit_probe=None):
+def paired_ratios(raw, system, baseline, sc):
+    """rps of `system` over rps of `baseline`, per pair of repetitions."""
+    return paired(raw, system, baseline, sc, lambda a, b: a / b)
+
+
+def paired_cpu_differences(raw, system, baseline, sc):
+    """Server CPU per request of `system` minus `baseline`'s, per pair of repetitions."""
+    return paired(raw, system, baseline, sc, lambda a, b: a - b,
+                  lambda r: r.get("server", {}).get("cpu_us_per_req"))
+
+
+def compute_targets(doc, coffer_audit, audit_pairs=(), commit_probe=None, audit_cpu=()):
     t = []
     unaudited = "not implemented" in coffer_audit
 
@@ -281,7 +293,9 @@ def compute_targets(doc, coffer_audit, audit_pairs=(), commit_probe=None):
     add("issue 4: audited GET throughput >= 90% of unaudited (median of paired repetitions)", r, ">= 0.9",
         r is not None and r >= 0.9,
         f"pairs {', '.join(f'{x:.0%}' for x in audit_pairs) or '—'}; medians: coffer {fmt(ca)} req/s audited, "
-        f"{fmt(cu)} req/s with audit off" + audit_budget(doc, cu, commit_probe))
+        f"{fmt(cu)} req/s with audit off" + audit_budget(doc, cu, commit_probe)
+        + (f"; the audit's own cost, audited minus unaudited server CPU per GET (median of the pairs): "
+           f"{statistics.median(audit_cpu):.1f} µs" if audit_cpu else ""))
     cold = doc.get("coffer", {}).get("cold_start_ms")
     add("cold start to first served secret <= 100 ms", cold, "<= 100 ms", cold is not None and cold <= 100,
         f"coffer {fmt(cold)} ms")
