@@ -57,16 +57,8 @@ fn footprint(key: &str, v: &StoredVersion) -> usize {
 
 /// The key of a version: vault, name key, and the version (empty: the latest).
 pub(super) fn key(vault_id: &str, name_key: &str, version: Option<&str>) -> String {
-    let version = version.unwrap_or_default();
-    let mut key = String::with_capacity(vault_id.len() + name_key.len() + version.len() + 2);
     // Vault ids, name keys and versions never contain a NUL: the key is unambiguous.
-    for (i, part) in [vault_id, name_key, version].into_iter().enumerate() {
-        if i > 0 {
-            key.push('\0');
-        }
-        key.push_str(part);
-    }
-    key
+    [vault_id, name_key, version.unwrap_or_default()].join("\0")
 }
 
 impl VersionCache {
