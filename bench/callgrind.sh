@@ -113,7 +113,8 @@ log "audit on: $GETS secrets, one warm-up pass, two counted passes of $GETS GETs
 on=$(measure audit_on)
 log "audit off …"
 off=$(measure audit_off --audit off)
-python3 - "$BENCH_DIR/results/callgrind.json" "$on" "$off" "$(git -C "$REPO" rev-parse --short HEAD)" <<'EOF'
+python3 - "$BENCH_DIR/results/callgrind.json" "$on" "$off" \
+  "$(git -C "$REPO" rev-parse --short HEAD)$(git -C "$REPO" diff --quiet HEAD -- crates Cargo.toml Cargo.lock || echo '+dirty')" <<'EOF'
 import json, sys
 path, on, off, commit = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
 doc = {"commit": commit, "unit": "instructions per GET (user space, valgrind callgrind)", "audit_on": on, "audit_off": off}
