@@ -331,3 +331,308 @@ async fn revocation_is_immediate_and_token_attacks_fail() {
         "the genuine token still works"
     );
 }
+
+impl Harness {
+    /// An admin-API request with `token` (not necessarily the administrator's).
+    async fn admin_as(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("{}/admin/{path}", self.root())).bearer_auth(token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// As the administrator; panics unless the answer is a success.
+    async fn admin_ok(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let (status, out) = self.admin(method.clone(), path, body).await;
+        assert!((200..300).contains(&status), "{method} {path}: {status} {out}");
+        out
+    }
+
+    async fn assign(&self, principal: &str, role: &str, scope: &str) -> String {
+        let out = self
+            .admin_ok(
+                reqwest::Method::POST,
+                "role-assignments",
+                Some(json!({"principal": principal, "role": role, "scope": scope})),
+            )
+            .await;
+        out["id"].as_str().unwrap().to_owned()
+    }
+}
+
+/// What the escalation walk needs of one target: names of principals the administrator set up.
+struct Targets {
+    /// A service principal (credentials, federation, enabled state, deletion).
+    sp: String,
+    /// A group (membership, deletion).
+    group: String,
+    /// A member of that group, to remove.
+    member: String,
+    /// A managed identity (bindings).
+    identity: String,
+    /// An agent with `identity` bound to it (a new join token).
+    agent: String,
+}
+
+/// The administrator creates the principals of `targets`, each holding `role` at `scope` (no
+/// role when `role` is `None`), plus a federated credential and a binding to delete.
+async fn set_up_targets(h: &Harness, t: &Targets, role: Option<(&str, &str)>) -> (String, String) {
+    use reqwest::Method as M;
+    if t.sp != "coffer-admin" {
+        h.service_principal(&t.sp).await;
+    }
+    h.admin_ok(M::POST, "principals", Some(json!({"name": t.group, "type": "group"}))).await;
+    h.service_principal(&t.member).await;
+    h.admin_ok(M::POST, &format!("principals/{}/members", t.group), Some(json!({"member": t.member}))).await;
+    h.admin_ok(M::POST, "principals", Some(json!({"name": t.identity, "type": "managed-identity"}))).await;
+    h.admin_ok(M::POST, "agents", Some(json!({"name": t.agent}))).await;
+    if let Some((role, scope)) = role {
+        if t.sp != "coffer-admin" {
+            h.assign(&t.sp, role, scope).await;
+        }
+        h.assign(&t.group, role, scope).await;
+        h.assign(&t.identity, role, scope).await;
+    }
+    let federated = h
+        .admin_ok(
+            M::POST,
+            "federated-credentials",
+            Some(json!({"principal": t.sp, "issuer": "https://issuer.example", "subject": format!("{}-made", t.sp),
+                        "jwks": {"keys": []}})),
+        )
+        .await;
+    let binding = h
+        .admin_ok(M::POST, "bindings", Some(json!({"identity": t.identity, "agent": t.agent, "uid": 4242})))
+        .await;
+    (federated["id"].as_str().unwrap().to_owned(), binding["id"].as_str().unwrap().to_owned())
+}
+
+/// Walks every route that changes a principal's credentials, federation, memberships,
+/// bindings, enabled state or existence, as `token`, against `t`; returns (route, status).
+async fn walk_principal_changes(
+    h: &Harness,
+    token: &str,
+    t: &Targets,
+    ids: &(String, String),
+) -> Vec<(String, u16, Value)> {
+    use reqwest::Method as M;
+    let (federated_id, binding_id) = ids;
+    let routes: Vec<(M, String, Option<Value>)> = vec![
+        (M::POST, format!("principals/{}/secrets", t.sp), None),
+        (
+            M::POST,
+            "federated-credentials".into(),
+            Some(
+                json!({"principal": t.sp, "issuer": "https://attacker.example", "subject": format!("{}-walk", t.sp),
+                        "jwks": {"keys": []}}),
+            ),
+        ),
+        (M::DELETE, format!("federated-credentials/{federated_id}"), None),
+        (M::POST, format!("principals/{}/members", t.group), Some(json!({"member": "operator"}))),
+        (M::DELETE, format!("principals/{}/members/{}", t.group, t.member), None),
+        (M::POST, "bindings".into(), Some(json!({"identity": t.identity, "agent": "dev-agent", "uid": 1}))),
+        (M::DELETE, format!("bindings/{binding_id}"), None),
+        (M::POST, "agents".into(), Some(json!({"name": t.agent}))),
+        (M::PATCH, format!("principals/{}", t.sp), Some(json!({"enabled": false}))),
+        (M::PATCH, format!("principals/{}", t.sp), Some(json!({"enabled": true}))),
+        (M::DELETE, format!("principals/{}", t.group), None),
+        (M::DELETE, format!("principals/{}", t.sp), None),
+    ];
+    let mut out = Vec::new();
+    for (method, path, body) in routes {
+        let (status, answer) = h.admin_as(token, method.clone(), &path, body).await;
+        out.push((format!("{method} /admin/{path}"), status, answer));
+    }
+    out
+}
+
+/// Issue 15, item 3: a principal holding only Coffer Identity Operator changes nothing about a
+/// principal that holds more than it does (403 ForbiddenByRbac naming the missing permission),
+/// and still manages principals that hold no more than it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_operator_cannot_escalate_through_principal_management() {
+    use reqwest::Method as M;
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path());
+    h.admin_ok(M::POST, "vaults", Some(json!({"name": "matrix", "retentionDays": 7}))).await;
+    h.call(&h.admin_token, M::PUT, "/secrets/s", Some(json!({"value": "crown-jewels"}))).await;
+    let (op_client, op_secret) = h.service_principal("operator").await;
+    h.assign("operator", "Coffer Identity Operator", "/").await;
+    let operator = h.token(&op_client, &op_secret).await.unwrap();
+    // The dev agent exists for the binding routes.
+    h.admin_ok(M::POST, "agents", Some(json!({"name": "dev-agent"}))).await;
+
+    let (_, all) = h.admin(M::GET, "role-assignments", None).await;
+    let admin_assignment = all["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["principalName"] == "coffer-admin")
+        .map(|a| a["id"].as_str().unwrap().to_owned())
+        .unwrap();
+    let mut failures = Vec::new();
+    // The attack of the issue: a client secret for the administrator, then its token.
+    let (status, body) = h.admin_as(&operator, M::POST, "principals/coffer-admin/secrets", None).await;
+    if status == 201 {
+        let stolen = h
+            .token(body["clientId"].as_str().unwrap(), body["clientSecret"].as_str().unwrap())
+            .await
+            .unwrap();
+        let (read, _) = h.call(&stolen, M::GET, "/secrets/s/", None).await;
+        failures.push(format!("the operator signed in as the administrator and read a secret: {read}"));
+    } else {
+        assert_eq!(status, 403, "{body}");
+        assert_eq!(body["error"]["innererror"]["code"], "ForbiddenByRbac", "{body}");
+    }
+
+    // Administrator targets: the dev administrator, a group holding Coffer Administrator, an
+    // identity holding it (bound to an agent).
+    let admin = Targets {
+        sp: "coffer-admin".into(),
+        group: "admins".into(),
+        member: "admin-member".into(),
+        identity: "mi-admin".into(),
+        agent: "agent-admin".into(),
+    };
+    let ids = set_up_targets(&h, &admin, Some(("Coffer Administrator", "/"))).await;
+    for (route, status, body) in walk_principal_changes(&h, &operator, &admin, &ids).await {
+        let named = body["error"]["message"].as_str().unwrap_or_default().contains("Action: '");
+        if status != 403 || body["error"]["innererror"]["code"] != "ForbiddenByRbac" || !named {
+            failures.push(format!("against an administrator: {route} -> {status} {body}"));
+        }
+    }
+    // Signing keys and role assignments are not the operator's either.
+    let (status, _) = h.admin_as(&operator, M::POST, "signing-keys/rotate", None).await;
+    if status != 403 {
+        failures.push(format!("POST /admin/signing-keys/rotate -> {status}"));
+    }
+    let (status, _) = h
+        .admin_as(
+            &operator,
+            M::POST,
+            "role-assignments",
+            Some(json!({"principal": "operator", "role": "Coffer Administrator", "scope": "/"})),
+        )
+        .await;
+    if status != 403 {
+        failures.push(format!("POST /admin/role-assignments (itself, Coffer Administrator) -> {status}"));
+    }
+    let (status, _) =
+        h.admin_as(&operator, M::DELETE, &format!("role-assignments/{admin_assignment}"), None).await;
+    if status != 403 {
+        failures.push(format!("DELETE the administrator's role assignment -> {status}"));
+    }
+    // Nothing changed: the administrator is still enabled and still works.
+    let (status, _) = h.call(&h.admin_token, M::GET, "/secrets/s/", None).await;
+    if status != 200 {
+        failures.push(format!("the administrator's own token after the walk -> {status}"));
+    }
+
+    // Positive control: targets that hold no role at all.
+    let plain = Targets {
+        sp: "plain-sp".into(),
+        group: "plain-group".into(),
+        member: "plain-member".into(),
+        identity: "mi-plain".into(),
+        agent: "agent-plain".into(),
+    };
+    let ids = set_up_targets(&h, &plain, None).await;
+    for (route, status, body) in walk_principal_changes(&h, &operator, &plain, &ids).await {
+        if !(200..300).contains(&status) {
+            failures.push(format!("against a principal with no role: {route} -> {status} {body}"));
+        }
+    }
+
+    // Second control: the operator also holds Secrets User on the vault; a target holding it
+    // on one secret of that vault is manageable, one holding it on another vault is not.
+    h.assign("operator", "Key Vault Secrets User", "/vaults/matrix").await;
+    let inside = Targets {
+        sp: "inside-sp".into(),
+        group: "inside-group".into(),
+        member: "inside-member".into(),
+        identity: "mi-inside".into(),
+        agent: "agent-inside".into(),
+    };
+    let ids = set_up_targets(&h, &inside, Some(("Key Vault Secrets User", "/vaults/matrix/secrets/s"))).await;
+    for (route, status, body) in walk_principal_changes(&h, &operator, &inside, &ids).await {
+        if !(200..300).contains(&status) {
+            failures.push(format!("against a target holding less: {route} -> {status} {body}"));
+        }
+    }
+    h.admin_ok(M::POST, "vaults", Some(json!({"name": "other", "retentionDays": 7}))).await;
+    let outside = Targets {
+        sp: "outside-sp".into(),
+        group: "outside-group".into(),
+        member: "outside-member".into(),
+        identity: "mi-outside".into(),
+        agent: "agent-outside".into(),
+    };
+    let ids = set_up_targets(&h, &outside, Some(("Key Vault Secrets User", "/vaults/other"))).await;
+    for (route, status, body) in walk_principal_changes(&h, &operator, &outside, &ids).await {
+        if status != 403 {
+            failures.push(format!("against a target holding a role elsewhere: {route} -> {status} {body}"));
+        }
+    }
+    assert!(failures.is_empty(), "escalation routes:\n{}", failures.join("\n"));
+}
+
+/// Issue 15, item 6: scope strings that name nothing real are refused (400 BadParameter) by the
+/// API and by `coffer role assign`, and nothing is stored; valid ones are stored canonically.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_assignment_scopes_are_parsed_strictly() {
+    use reqwest::Method as M;
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path());
+    h.service_principal("app").await;
+    let bad = [
+        "",
+        "//",
+        "/vaults/*",
+        "/vaults/dev%2f..%2fprod",
+        "/vaults/dev/",
+        "/vaults//secrets/x",
+        "/vaults/dev/secrets/a.b",
+        "/vaults/dev/secrets/x/",
+        "/vaults/dev/keys/x",
+        "/vaults/ab",
+    ];
+    let mut failures = Vec::new();
+    for scope in bad {
+        let body = json!({"principal": "app", "role": "Key Vault Secrets User", "scope": scope});
+        let (status, answer) = h.admin(M::POST, "role-assignments", Some(body)).await;
+        if status != 400 || answer["error"]["code"] != "BadParameter" {
+            failures.push(format!("POST {scope:?} -> {status} {answer}"));
+        }
+        let (ok, _, stderr) = common::cli(
+            &h.server,
+            &["role", "assign", "--principal", "app", "--role", "Key Vault Secrets User", "--scope", scope],
+        );
+        if ok || !stderr.contains("scope") {
+            failures.push(format!("coffer role assign --scope {scope:?}: success={ok} {stderr}"));
+        }
+    }
+    let (_, all) = h.admin(M::GET, "role-assignments", None).await;
+    let stored: Vec<&str> = all["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["principalName"] == "app")
+        .map(|a| a["scope"].as_str().unwrap())
+        .collect();
+    assert!(failures.is_empty(), "bad scopes accepted:\n{}\nstored: {stored:?}", failures.join("\n"));
+    assert!(stored.is_empty(), "{stored:?}");
+    // A valid scope is stored in its canonical form.
+    let id = h.assign("app", "Key Vault Secrets User", "/vaults/Dev/secrets/DB-Password").await;
+    let (_, all) = h.admin(M::GET, "role-assignments", None).await;
+    let stored = all["value"].as_array().unwrap().iter().find(|a| a["id"] == id.as_str()).unwrap().clone();
+    assert_eq!(stored["scope"], "/vaults/dev/secrets/db-password");
+}

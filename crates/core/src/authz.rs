@@ -6,8 +6,11 @@
 //! bit set of [`Action`]s once, when the snapshot is built, and `authorize` only walks the
 //! caller's assignments (and those of its groups) without allocating.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
+
+use crate::names::{truncate_for_message, NameError, SecretName, VaultName};
 
 /// Who is calling, as established by authentication.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,10 +81,13 @@ pub enum Action {
     RoleDefinitionRead,
     RoleDefinitionWrite,
     AuditRead,
+    /// Rotating the token-signing key: whoever may do it can invalidate every token at will,
+    /// so it is not part of managing principals.
+    SigningKeyRotate,
 }
 
 impl Action {
-    pub const ALL: [Action; 20] = [
+    pub const ALL: [Action; 21] = [
         Action::SecretGet,
         Action::SecretSet,
         Action::SecretReadMetadata,
@@ -102,6 +108,7 @@ impl Action {
         Action::RoleDefinitionRead,
         Action::RoleDefinitionWrite,
         Action::AuditRead,
+        Action::SigningKeyRotate,
     ];
 
     /// The operation name, as Key Vault / Azure RBAC spell it.
@@ -127,6 +134,7 @@ impl Action {
             Self::RoleDefinitionRead => "Microsoft.Authorization/roleDefinitions/read",
             Self::RoleDefinitionWrite => "Microsoft.Authorization/roleDefinitions/write",
             Self::AuditRead => "Coffer/audit/read",
+            Self::SigningKeyRotate => "Coffer/signingKeys/rotate/action",
         }
     }
 
@@ -146,6 +154,11 @@ impl Action {
         )
     }
 
+    /// Changes of role assignments: the actions a role's `assignable_roles` condition limits.
+    fn is_assignment_change(&self) -> bool {
+        matches!(self, Self::RoleAssignmentWrite | Self::RoleAssignmentDelete)
+    }
+
     fn bit(&self) -> u32 {
         1 << (*self as u32)
     }
@@ -161,15 +174,36 @@ pub enum Scope {
 }
 
 impl Scope {
-    pub fn parse(raw: &str) -> Option<Self> {
-        let parts: Vec<&str> = raw.trim_end_matches('/').split('/').collect();
-        match parts.as_slice() {
-            [""] => Some(Self::Server),
-            ["", "vaults", vault] if !vault.is_empty() => Some(Self::Vault(vault.to_ascii_lowercase())),
-            ["", "vaults", vault, "secrets", secret] if !vault.is_empty() && !secret.is_empty() => {
-                Some(Self::Secret(vault.to_ascii_lowercase(), secret.to_ascii_lowercase()))
+    /// Parses exactly `/`, `/vaults/{vault}` or `/vaults/{vault}/secrets/{secret}`, the names
+    /// valid as [`VaultName`] and [`SecretName`] (so no `*`, `%`, `.`, empty segment or trailing
+    /// slash), into the canonical form: names lowercased, as lookups compare them. A scope
+    /// naming nothing that can exist would be stored and shown as if it meant something.
+    pub fn parse(raw: &str) -> Result<Self, NameError> {
+        let invalid = || NameError::Scope(truncate_for_message(raw));
+        let bad_name = |e| NameError::ScopeName(truncate_for_message(raw), Box::new(e));
+        if raw == "/" {
+            return Ok(Self::Server);
+        }
+        let rest = raw.strip_prefix("/vaults/").ok_or_else(invalid)?;
+        let mut parts = rest.split('/');
+        let vault = VaultName::parse(parts.next().ok_or_else(invalid)?).map_err(bad_name)?;
+        match (parts.next(), parts.next(), parts.next()) {
+            (None, _, _) => Ok(Self::Vault(vault.as_str().to_owned())),
+            (Some("secrets"), Some(secret), None) => {
+                let secret = SecretName::parse(secret).map_err(bad_name)?;
+                Ok(Self::Secret(vault.as_str().to_owned(), secret.key()))
             }
-            _ => None,
+            _ => Err(invalid()),
+        }
+    }
+
+    /// The resource this scope is: an assignment at `self` covers `other` when
+    /// `self.covers(other.as_resource())`.
+    pub fn as_resource(&self) -> Resource<'_> {
+        match self {
+            Self::Server => Resource::Server,
+            Self::Vault(v) => Resource::Vault(v),
+            Self::Secret(v, s) => Resource::Secret(v, s),
         }
     }
 
@@ -386,7 +420,7 @@ pub struct Grant<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denial {
     pub action: Action,
-    pub reason: &'static str,
+    pub reason: Cow<'static, str>,
 }
 
 impl fmt::Display for Denial {
@@ -476,18 +510,107 @@ impl Rbac {
         condition: impl Fn(&CompiledRole) -> bool,
     ) -> Result<Grant<'a>, Denial> {
         if !principal.enabled {
-            return Err(Denial { action, reason: "The principal is disabled." });
+            return Err(Denial { action, reason: "The principal is disabled.".into() });
         }
-        let of = |id: &str| self.assignments.get(id).map(Vec::as_slice).unwrap_or(&[]);
-        let groups = self.groups_of.get(principal.object_id.as_str()).map(Vec::as_slice).unwrap_or(&[]);
-        let candidates = of(&principal.object_id).iter().chain(groups.iter().flat_map(|g| of(g).iter()));
-        for assignment in candidates {
+        for assignment in self.assignments_of(&principal.object_id) {
             let Some(role) = self.roles.get(&assignment.role_id) else { continue };
             if role.mask & action.bit() != 0 && assignment.scope.covers(resource) && condition(role) {
                 return Ok(Grant { role: &role.def.name, assignment_id: &assignment.id });
             }
         }
-        Err(Denial { action, reason: "No role assignment grants it at this scope." })
+        Err(Denial { action, reason: "No role assignment grants it at this scope.".into() })
+    }
+
+    /// Decides whether `caller` may change a principal: its credentials (secrets, passwords,
+    /// certificates, join tokens), federated credentials, group memberships, bindings, enabled
+    /// state or existence. `conferring` lists the principals whose permissions the change puts
+    /// within someone's reach: the target itself (for a group, the group), and for an agent
+    /// every identity bound to it, since an agent can get their tokens.
+    ///
+    /// Besides `Coffer/principals/write` on the server, the caller must already hold every
+    /// permission those principals hold (directly or through their groups), each at a scope
+    /// covering the one it is held at, with an `assignable_roles` condition no wider than the
+    /// caller's. Otherwise managing credentials would be a way to become anyone: add a secret
+    /// to the administrator and sign in as it.
+    pub fn authorize_principal_change<'a>(
+        &'a self,
+        caller: &Principal,
+        conferring: &[&str],
+    ) -> Result<Grant<'a>, Denial> {
+        let grant = self.authorize(caller, Action::PrincipalWrite, Resource::Server)?;
+        for target in conferring {
+            for assignment in self.assignments_of(target) {
+                let Some(role) = self.roles.get(&assignment.role_id) else { continue };
+                self.holds_role_at(caller, role, &assignment.scope).map_err(|action| Denial {
+                    action,
+                    reason: format!(
+                        "The principal being changed holds this permission at scope '{}' and the caller \
+                         does not: only a caller that already holds every permission of a principal may \
+                         change its credentials, federation, memberships, bindings, state or existence. \
+                         Ask a Coffer Administrator.",
+                        assignment.scope
+                    )
+                    .into(),
+                })?;
+            }
+        }
+        Ok(grant)
+    }
+
+    /// Decides whether `caller` may give `assignee` the role `role_id` at `scope` (or, for
+    /// [`Action::RoleAssignmentDelete`], take it away): [`Rbac::authorize_assignment`], and a
+    /// caller giving a role to itself or to one of its groups must already hold all of it there.
+    /// A role that may assign roles (Key Vault Data Access Administrator) is meant to grant
+    /// access to others, not to raise its holder.
+    pub fn authorize_role_assignment<'a>(
+        &'a self,
+        caller: &Principal,
+        action: Action,
+        scope: &Scope,
+        role_id: &str,
+        assignee: &str,
+    ) -> Result<Grant<'a>, Denial> {
+        let grant = self.authorize_assignment(caller, action, scope.as_resource(), role_id)?;
+        let own_groups = self.groups_of.get(caller.object_id.as_str()).map(Vec::as_slice).unwrap_or(&[]);
+        let to_itself = assignee == caller.object_id || own_groups.iter().any(|g| g == assignee);
+        if action == Action::RoleAssignmentWrite && to_itself {
+            let Some(role) = self.roles.get(role_id) else {
+                return Err(Denial { action, reason: "The role does not exist.".into() });
+            };
+            self.holds_role_at(caller, role, scope).map_err(|missing| Denial {
+                action: missing,
+                reason: format!(
+                    "A principal cannot give itself (or a group it is in) a role at scope '{scope}' with \
+                     permissions it does not hold there. Ask another administrator to assign it."
+                )
+                .into(),
+            })?;
+        }
+        Ok(grant)
+    }
+
+    /// The assignments that give `principal` its permissions: its own and its groups'.
+    fn assignments_of<'a>(&'a self, principal: &str) -> impl Iterator<Item = &'a RoleAssignment> + 'a {
+        let of = |id: &str| self.assignments.get(id).map(Vec::as_slice).unwrap_or(&[]);
+        let groups = self.groups_of.get(principal).map(Vec::as_slice).unwrap_or(&[]);
+        of(principal).iter().chain(groups.iter().flat_map(move |g| of(g).iter()))
+    }
+
+    /// Does `caller` hold every action of `role` at a scope covering `scope`? The first action
+    /// it lacks otherwise.
+    fn holds_role_at(&self, caller: &Principal, role: &CompiledRole, scope: &Scope) -> Result<(), Action> {
+        for action in Action::ALL.into_iter().filter(|a| role.mask & a.bit() != 0) {
+            let no_wider = |held: &CompiledRole| {
+                !action.is_assignment_change()
+                    || match (&role.def.assignable_roles, &held.def.assignable_roles) {
+                        (_, None) => true,
+                        (None, Some(_)) => false,
+                        (Some(wanted), Some(allowed)) => wanted.iter().all(|r| allowed.contains(r)),
+                    }
+            };
+            self.authorize_with(caller, action, scope.as_resource(), no_wider).map_err(|_| action)?;
+        }
+        Ok(())
     }
 }
 

@@ -27,6 +27,13 @@ pub enum NameError {
     Vault(String),
     #[error("The version '{0}' is invalid: a version is 32 lowercase hexadecimal characters.")]
     Version(String),
+    #[error(
+        "The scope '{0}' is invalid: a scope is exactly '/', '/vaults/VAULT' or \
+         '/vaults/VAULT/secrets/SECRET', with a valid vault and secret name and no trailing '/'."
+    )]
+    Scope(String),
+    #[error("In the scope '{0}': {1}")]
+    ScopeName(String, Box<NameError>),
 }
 
 /// A secret name: `^[0-9a-zA-Z-]{1,127}$`. Key Vault treats names case-insensitively; the
@@ -135,8 +142,9 @@ impl fmt::Display for VersionId {
     }
 }
 
-/// Names come from the URL: keep what we echo into error messages short and printable.
-fn truncate_for_message(raw: &str) -> String {
+/// Names (and scopes) come from requests: keep what we echo into error messages short and
+/// printable.
+pub(crate) fn truncate_for_message(raw: &str) -> String {
     raw.chars().take(140).map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 

@@ -19,7 +19,7 @@ use coffer_store::StoreError;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{allow, forbidden_by_rbac, ok_value as ok, read_body, ApiError, AppState};
+use super::{allow, forbidden_by_rbac, ok_value as ok, read_body, record_grant, ApiError, AppState};
 use crate::directory::Snapshot;
 use crate::tokens::unix_now;
 
@@ -44,6 +44,19 @@ fn find<'a>(snapshot: &'a Snapshot, name_or_id: &str) -> Result<&'a Principal, A
     snapshot.resolve(name_or_id).ok_or_else(|| {
         ApiError::not_found("PrincipalNotFound", format!("No principal is named '{name_or_id}'."))
     })
+}
+
+/// The authorization of every change to a principal's credentials, federation, memberships,
+/// bindings, enabled state or existence: the caller must already hold everything `target`
+/// confers (for an agent, also every identity bound to it, whose tokens it can get), so that
+/// managing principals is never a way to become a more privileged one.
+fn allow_principal_change(caller: &Principal, snapshot: &Snapshot, target: &str) -> Result<(), ApiError> {
+    let mut conferring = vec![target];
+    conferring
+        .extend(snapshot.bindings.iter().filter(|b| b.agent_id == target).map(|b| b.identity_id.as_str()));
+    let grant = snapshot.rbac.authorize_principal_change(caller, &conferring).map_err(forbidden_by_rbac)?;
+    record_grant(&grant);
+    Ok(())
 }
 
 fn principal_json(p: &Principal) -> Value {
@@ -305,7 +318,9 @@ async fn patch_principal(
 ) -> Result<Response, ApiError> {
     allow(state, caller, Action::PrincipalWrite, Resource::Server)?;
     let req: PatchPrincipal = parse(body).await?;
-    let mut principal = find(&state.directory.snapshot(), name)?.clone();
+    let snapshot = state.directory.snapshot();
+    let mut principal = find(&snapshot, name)?.clone();
+    allow_principal_change(caller, &snapshot, &principal.object_id)?;
     if let Some(enabled) = req.enabled {
         principal.enabled = enabled;
     }
@@ -317,7 +332,9 @@ async fn patch_principal(
 
 async fn delete_principal(state: &AppState, caller: &Principal, name: &str) -> Result<Response, ApiError> {
     allow(state, caller, Action::PrincipalWrite, Resource::Server)?;
-    let principal = find(&state.directory.snapshot(), name)?.clone();
+    let snapshot = state.directory.snapshot();
+    let principal = find(&snapshot, name)?.clone();
+    allow_principal_change(caller, &snapshot, &principal.object_id)?;
     if principal.object_id == caller.object_id {
         return Err(ApiError::bad_parameter("A principal cannot delete itself."));
     }
@@ -334,7 +351,9 @@ async fn delete_principal(state: &AppState, caller: &Principal, name: &str) -> R
 
 async fn new_client_secret(state: &AppState, caller: &Principal, name: &str) -> Result<Response, ApiError> {
     allow(state, caller, Action::PrincipalWrite, Resource::Server)?;
-    let principal = find(&state.directory.snapshot(), name)?.clone();
+    let snapshot = state.directory.snapshot();
+    let principal = find(&snapshot, name)?.clone();
+    allow_principal_change(caller, &snapshot, &principal.object_id)?;
     if principal.kind != PrincipalKind::ServicePrincipal {
         return Err(ApiError::bad_parameter("Only service principals have client secrets."));
     }
@@ -362,6 +381,8 @@ async fn add_member(
     if group.kind != PrincipalKind::Group {
         return Err(ApiError::bad_parameter(format!("'{}' is not a group.", group.display_name)));
     }
+    // The new member gets everything the group holds.
+    allow_principal_change(caller, &snapshot, &group.object_id)?;
     let member = find(&snapshot, &req.member)?;
     if member.kind == PrincipalKind::Group {
         return Err(ApiError::bad_parameter("Groups do not nest."));
@@ -385,6 +406,7 @@ async fn remove_member(
     allow(state, caller, Action::PrincipalWrite, Resource::Server)?;
     let snapshot = state.directory.snapshot();
     let (group, member) = (find(&snapshot, group)?, find(&snapshot, member)?);
+    allow_principal_change(caller, &snapshot, &group.object_id)?;
     let removed = state
         .directory
         .store()
@@ -411,7 +433,11 @@ async fn create_agent(state: &AppState, caller: &Principal, body: Body) -> Resul
     valid_name(&req.name)?;
     let snapshot = state.directory.snapshot();
     let agent = match snapshot.resolve(&req.name) {
-        Some(p) if p.kind == PrincipalKind::Agent => p.clone(),
+        Some(p) if p.kind == PrincipalKind::Agent => {
+            // A new join token for an existing agent gets the tokens of its bound identities.
+            allow_principal_change(caller, &snapshot, &p.object_id)?;
+            p.clone()
+        }
         Some(_) => {
             return Err(ApiError::conflict(format!("'{}' names a principal that is not an agent.", req.name)))
         }
@@ -444,6 +470,8 @@ async fn create_binding(state: &AppState, caller: &Principal, body: Body) -> Res
             identity.display_name
         )));
     }
+    // The agent's host gets the identity's tokens.
+    allow_principal_change(caller, &snapshot, &identity.object_id)?;
     let agent = find(&snapshot, &req.agent)?;
     if agent.kind != PrincipalKind::Agent {
         return Err(ApiError::bad_parameter(format!("'{}' is not an agent.", agent.display_name)));
@@ -469,6 +497,13 @@ async fn create_binding(state: &AppState, caller: &Principal, body: Body) -> Res
 
 async fn delete_binding(state: &AppState, caller: &Principal, id: &str) -> Result<Response, ApiError> {
     allow(state, caller, Action::PrincipalWrite, Resource::Server)?;
+    let snapshot = state.directory.snapshot();
+    let binding = snapshot
+        .bindings
+        .iter()
+        .find(|b| b.id == id)
+        .ok_or_else(|| ApiError::not_found("NotFound", "The binding was not found."))?;
+    allow_principal_change(caller, &snapshot, &binding.identity_id)?;
     let removed =
         state.directory.store().delete_binding(id).await.map_err(|e| store_error(e, "The binding"))?;
     state.directory.reload().await.map_err(|e| store_error(e, "The directory"))?;
@@ -484,6 +519,7 @@ async fn create_federated(state: &AppState, caller: &Principal, body: Body) -> R
     let req: CreateFederated = parse(body).await?;
     let snapshot = state.directory.snapshot();
     let principal = find(&snapshot, &req.principal)?;
+    allow_principal_change(caller, &snapshot, &principal.object_id)?;
     if !matches!(principal.kind, PrincipalKind::ServicePrincipal | PrincipalKind::ManagedIdentity) {
         return Err(ApiError::bad_parameter(
             "Federated credentials belong to service principals or managed identities.",
@@ -534,6 +570,13 @@ async fn create_federated(state: &AppState, caller: &Principal, body: Body) -> R
 
 async fn delete_federated(state: &AppState, caller: &Principal, id: &str) -> Result<Response, ApiError> {
     allow(state, caller, Action::PrincipalWrite, Resource::Server)?;
+    let snapshot = state.directory.snapshot();
+    let credential = snapshot
+        .federated
+        .iter()
+        .find(|f| f.id == id)
+        .ok_or_else(|| ApiError::not_found("NotFound", "The federated credential was not found."))?;
+    allow_principal_change(caller, &snapshot, &credential.principal_id)?;
     let removed = state
         .directory
         .store()
@@ -558,26 +601,27 @@ fn find_role<'a>(snapshot: &'a Snapshot, name_or_id: &str) -> Result<&'a RoleDef
         })
 }
 
-fn scope_resource(scope: &Scope) -> Resource<'_> {
-    match scope {
-        Scope::Server => Resource::Server,
-        Scope::Vault(v) => Resource::Vault(v),
-        Scope::Secret(v, s) => Resource::Secret(v, s),
-    }
-}
-
 async fn create_assignment(state: &AppState, caller: &Principal, body: Body) -> Result<Response, ApiError> {
     let req: CreateAssignment = parse(body).await?;
-    let scope = Scope::parse(&req.scope).ok_or_else(|| {
-        ApiError::bad_parameter("A scope is '/', '/vaults/NAME' or '/vaults/NAME/secrets/SECRET'.")
-    })?;
+    let scope = Scope::parse(&req.scope).map_err(|e| ApiError::bad_parameter(e.to_string()))?;
     let snapshot = state.directory.snapshot();
     let role = find_role(&snapshot, &req.role)?;
     snapshot
         .rbac
-        .authorize_assignment(caller, Action::RoleAssignmentWrite, scope_resource(&scope), &role.id)
+        .authorize_assignment(caller, Action::RoleAssignmentWrite, scope.as_resource(), &role.id)
         .map_err(forbidden_by_rbac)?;
     let principal = find(&snapshot, &req.principal)?;
+    let grant = snapshot
+        .rbac
+        .authorize_role_assignment(
+            caller,
+            Action::RoleAssignmentWrite,
+            &scope,
+            &role.id,
+            &principal.object_id,
+        )
+        .map_err(forbidden_by_rbac)?;
+    record_grant(&grant);
     if principal.kind == PrincipalKind::Agent {
         return Err(ApiError::bad_parameter("Agents hold no roles; bind identities to them instead."));
     }
@@ -604,15 +648,17 @@ async fn delete_assignment(state: &AppState, caller: &Principal, id: &str) -> Re
         snapshot.assignments.iter().find(|a| a.id == id).ok_or_else(|| {
             ApiError::not_found("RoleAssignmentNotFound", "The role assignment was not found.")
         })?;
-    snapshot
+    let grant = snapshot
         .rbac
-        .authorize_assignment(
+        .authorize_role_assignment(
             caller,
             Action::RoleAssignmentDelete,
-            scope_resource(&assignment.scope),
+            &assignment.scope,
             &assignment.role_id,
+            &assignment.principal_id,
         )
         .map_err(forbidden_by_rbac)?;
+    record_grant(&grant);
     state
         .directory
         .store()
@@ -668,7 +714,7 @@ async fn delete_role(state: &AppState, caller: &Principal, id: &str) -> Result<R
 }
 
 async fn rotate_signing_key(state: &AppState, caller: &Principal) -> Result<Response, ApiError> {
-    allow(state, caller, Action::PrincipalWrite, Resource::Server)?;
+    allow(state, caller, Action::SigningKeyRotate, Resource::Server)?;
     let kid = state
         .tokens
         .rotate(state.store.as_ref(), &state.keyring)

@@ -329,9 +329,14 @@ pub(crate) fn allow(
 ) -> Result<(), ApiError> {
     let snapshot = state.directory.snapshot();
     let grant = snapshot.rbac.authorize(principal, action, resource).map_err(forbidden_by_rbac)?;
-    // Outside an admin request (no scope) there is no record to carry it.
-    let _ = ADMIN_GRANT.try_with(|g| *g.borrow_mut() = Some(grant_text(&grant)));
+    record_grant(&grant);
     Ok(())
+}
+
+/// Notes the grant that allowed an admin request, for its audit record.
+pub(crate) fn record_grant(grant: &coffer_core::authz::Grant) {
+    // Outside an admin request (no scope) there is no record to carry it.
+    let _ = ADMIN_GRANT.try_with(|g| *g.borrow_mut() = Some(grant_text(grant)));
 }
 
 /// A JSON value as a response.

@@ -326,12 +326,18 @@ impl DirectoryStore for SqliteStore {
                     r.get::<_, String>(3)?,
                 ))
             })?;
-            rows.map(|row| {
+            let mut assignments = Vec::new();
+            for row in rows {
                 let (id, principal_id, role_id, scope) = row?;
-                let scope = Scope::parse(&scope).ok_or_else(|| backend(format!("bad scope {scope}")))?;
-                Ok(RoleAssignment { id, principal_id, role_id, scope })
-            })
-            .collect()
+                match Scope::parse(&scope) {
+                    Ok(scope) => assignments.push(RoleAssignment { id, principal_id, role_id, scope }),
+                    // Scopes were once parsed loosely: one naming a vault or secret that cannot
+                    // exist (`/vaults/*`) never covered anything, so leaving it out grants and
+                    // removes nothing (deny by default), and start-up does not fail on it.
+                    Err(e) => tracing::warn!(assignment = %id, "role assignment ignored: {e}"),
+                }
+            }
+            Ok(assignments)
         })
         .await
     }
