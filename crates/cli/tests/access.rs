@@ -636,3 +636,49 @@ async fn role_assignment_scopes_are_parsed_strictly() {
     let stored = all["value"].as_array().unwrap().iter().find(|a| a["id"] == id.as_str()).unwrap().clone();
     assert_eq!(stored["scope"], "/vaults/dev/secrets/db-password");
 }
+
+/// A Key Vault Data Access Administrator grants access to others within its scope, as on
+/// Azure, but does not raise itself (or its group) and does not touch the administrator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_access_administrator_grants_others_but_not_itself() {
+    use reqwest::Method as M;
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path());
+    h.admin_ok(M::POST, "vaults", Some(json!({"name": "matrix", "retentionDays": 7}))).await;
+    h.call(&h.admin_token, M::PUT, "/secrets/s", Some(json!({"value": "v"}))).await;
+    let (client_id, secret) = h.service_principal("daa").await;
+    h.assign("daa", "Key Vault Data Access Administrator", "/vaults/matrix").await;
+    h.admin_ok(M::POST, "principals", Some(json!({"name": "daa-team", "type": "group"}))).await;
+    h.admin_ok(M::POST, "principals/daa-team/members", Some(json!({"member": "daa"}))).await;
+    h.service_principal("app").await;
+    let daa = h.token(&client_id, &secret).await.unwrap();
+    let assign = |principal: &str, role: &str, scope: &str| json!({"principal": principal, "role": role, "scope": scope});
+
+    let (status, body) = h
+        .admin_as(
+            &daa,
+            M::POST,
+            "role-assignments",
+            Some(assign("app", "Key Vault Secrets User", "/vaults/matrix")),
+        )
+        .await;
+    assert_eq!(status, 201, "granting others is its job: {body}");
+    for (who, role) in [("daa", "Key Vault Administrator"), ("daa-team", "Key Vault Secrets User")] {
+        let (status, body) =
+            h.admin_as(&daa, M::POST, "role-assignments", Some(assign(who, role, "/vaults/matrix"))).await;
+        assert_eq!(status, 403, "{who} {role}: {body}");
+        assert_eq!(body["error"]["innererror"]["code"], "ForbiddenByRbac", "{body}");
+    }
+    assert_eq!(h.call(&daa, M::GET, "/secrets/s/", None).await.0, 403, "still no data access");
+    let (_, all) = h.admin(M::GET, "role-assignments", None).await;
+    let admin_assignment = all["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["principalName"] == "coffer-admin")
+        .map(|a| a["id"].as_str().unwrap().to_owned())
+        .unwrap();
+    let (status, _) =
+        h.admin_as(&daa, M::DELETE, &format!("role-assignments/{admin_assignment}"), None).await;
+    assert_eq!(status, 403);
+}
