@@ -635,6 +635,9 @@ async fn role_assignment_scopes_are_parsed_strictly() {
     let (_, all) = h.admin(M::GET, "role-assignments", None).await;
     let stored = all["value"].as_array().unwrap().iter().find(|a| a["id"] == id.as_str()).unwrap().clone();
     assert_eq!(stored["scope"], "/vaults/dev/secrets/db-password");
+    // The role definitions still list (Coffer Administrator's `*` now also covers rotation).
+    let (ok, out, err) = common::cli(&h.server, &["role", "definitions"]);
+    assert!(ok && out.contains("Coffer Administrator") && out.contains("Coffer Identity Operator"), "{err}");
 }
 
 /// A Key Vault Data Access Administrator grants access to others within its scope, as on

@@ -450,6 +450,35 @@ mod tests {
         }
     }
 
+    /// Scopes stored before they were parsed strictly, naming no vault or secret that can exist,
+    /// are left out (they never covered anything) instead of failing the whole load.
+    #[tokio::test]
+    async fn loosely_parsed_stored_scopes_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let store = SqliteStore::open(&path).unwrap();
+        store.put_principal(&principal("p1", "app", PrincipalKind::ManagedIdentity)).await.unwrap();
+        let valid = RoleAssignment {
+            id: "ra1".into(),
+            principal_id: "p1".into(),
+            role_id: KEY_VAULT_SECRETS_USER.into(),
+            scope: Scope::parse("/vaults/dev/secrets/db").unwrap(),
+        };
+        store.add_role_assignment(&valid).await.unwrap();
+        drop(store);
+        let old = rusqlite::Connection::open(&path).unwrap();
+        for (id, scope) in [("ra2", "/vaults/*"), ("ra3", "/vaults/dev%2f..%2fprod")] {
+            old.execute(
+                "INSERT INTO role_assignments (id, principal_id, role_id, scope) VALUES (?1, 'p1', ?2, ?3)",
+                params![id, KEY_VAULT_SECRETS_USER, scope],
+            )
+            .unwrap();
+        }
+        drop(old);
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.role_assignments().await.unwrap(), vec![valid]);
+    }
+
     #[tokio::test]
     async fn directory_round_trip_and_cascading_delete() {
         let dir = tempfile::tempdir().unwrap();
