@@ -64,6 +64,11 @@ pub enum IdentityCommand {
         /// cgroup path prefix, e.g. /system.slice/app.service
         #[arg(long)]
         cgroup: Option<String>,
+        /// Also match processes in another user or mount namespace than the agent's (containers,
+        /// `unshare`). Their uid and cgroup are still checked; an --exe never matches a file that
+        /// differs from the one at that path on the host.
+        #[arg(long)]
+        allow_namespaced: bool,
         /// The agent whose host runs the workload (the dev server's is `dev-agent`).
         #[arg(long, default_value = coffer_server::DEV_AGENT_NAME)]
         agent: String,
@@ -307,11 +312,12 @@ pub async fn identity(cmd: IdentityCommand) -> Result<()> {
             eprintln!("deleted {name}");
             Ok(())
         }
-        IdentityCommand::Bind { name, uid, exe, unit, cgroup, agent, conn } => {
+        IdentityCommand::Bind { name, uid, exe, unit, cgroup, allow_namespaced, agent, conn } => {
             if uid.is_none() && exe.is_none() && unit.is_none() && cgroup.is_none() {
                 bail!("give at least one selector: --uid, --exe, --unit or --cgroup");
             }
-            let body = json!({"identity": name, "agent": agent, "uid": uid, "exe": exe, "unit": unit, "cgroupPrefix": cgroup});
+            let body = json!({"identity": name, "agent": agent, "uid": uid, "exe": exe, "unit": unit, "cgroupPrefix": cgroup,
+                "allowNamespaced": allow_namespaced});
             let out = conn.client()?.admin(Method::POST, "bindings", Some(&body)).await?;
             print_value(&out, conn.output, &BINDING_COLUMNS)
         }
@@ -327,7 +333,7 @@ pub async fn identity(cmd: IdentityCommand) -> Result<()> {
     }
 }
 
-const BINDING_COLUMNS: [(&str, &str); 7] = [
+const BINDING_COLUMNS: [(&str, &str); 8] = [
     ("Id", "id"),
     ("Identity", "identity_id"),
     ("Agent", "agent_id"),
@@ -335,6 +341,7 @@ const BINDING_COLUMNS: [(&str, &str); 7] = [
     ("Exe", "exe"),
     ("Unit", "unit"),
     ("CgroupPrefix", "cgroup_prefix"),
+    ("AllowNamespaced", "allow_namespaced"),
 ];
 
 async fn set_enabled(conn: &Connection, name: &str, enabled: bool) -> Result<()> {

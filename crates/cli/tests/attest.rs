@@ -1,0 +1,217 @@
+//! Process attestation against a local attacker (issue 15): a setuid program sharing the caller's
+//! socket, and a user + mount namespace that fakes the executable's path.
+//! The tests run as root, as the others do, and become `nobody` with `setpriv`.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use common::{cli, free_port, read_env_file, TestServer};
+use serde_json::Value;
+
+const NOBODY: &str = "65534";
+/// The base system's interpreter: the test runner's `python3` may live under /root, which
+/// `nobody` cannot reach.
+const PYTHON: &str = "/usr/bin/python3";
+
+/// The dev server's in-process agent, as `dev.env` describes it to a workload.
+struct DevAgent {
+    /// `127.0.0.1:PORT`
+    addr: String,
+    header: String,
+    resource: String,
+}
+
+fn dev_agent(server: &TestServer) -> DevAgent {
+    let env = read_env_file(&server.data_dir.join("dev.env"));
+    let get = |key: &str| env.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).unwrap();
+    let endpoint = get("IDENTITY_ENDPOINT");
+    let addr = endpoint.trim_start_matches("http://").trim_end_matches("/msi/token").to_owned();
+    DevAgent { addr, header: get("IDENTITY_HEADER"), resource: server.env("COFFER_URL") }
+}
+
+fn run_cli(server: &TestServer, args: &[&str]) -> String {
+    let (ok, out, err) = cli(server, args);
+    assert!(ok, "coffer {args:?} failed: {err}");
+    out
+}
+
+fn client_id(server: &TestServer, name: &str) -> String {
+    let shown: Value =
+        serde_json::from_str(&run_cli(server, &["identity", "show", name, "-o", "json"])).unwrap();
+    shown["clientId"].as_str().unwrap().to_owned()
+}
+
+fn as_nobody() -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args([&format!("--reuid={NOBODY}"), &format!("--regid={NOBODY}"), "--clear-groups"]);
+    cmd
+}
+
+/// The endpoint's answer without the token itself (test output must not carry tokens either).
+fn summary(body: &Value) -> String {
+    let mut shown = body.clone();
+    if let Some(obj) = shown.as_object_mut() {
+        obj.remove("access_token");
+    }
+    shown.to_string()
+}
+
+/// Connects to the agent, lets the socket survive `exec`, forks; in mode `su` the parent then
+/// becomes `/usr/bin/su root` waiting at its password prompt (real uid nobody, effective uid 0)
+/// while the child, once it has seen the prompt, sends the token request over the shared socket.
+/// In mode `plain` the parent stays the same unprivileged interpreter. Prints the status code on
+/// the first line and the JSON body on the second.
+const HAND_OFF: &str = r#"
+import json, os, socket, sys
+port, header, resource, client_id, mode = sys.argv[1:6]
+sock = socket.create_connection(("127.0.0.1", int(port)))
+sock.set_inheritable(True)
+stdin_r, stdin_w = os.pipe()   # su's stdin: never written; EOF when the child exits
+prompt_r, prompt_w = os.pipe() # su's output: its prompt says it is waiting
+child = os.fork()
+if child == 0:
+    os.close(stdin_r)
+    os.close(prompt_w)
+    if mode == "su":
+        seen = b""
+        while b":" not in seen:
+            chunk = os.read(prompt_r, 64)
+            if not chunk:
+                sys.exit("su exited before prompting")
+            seen += chunk
+    query = "api-version=2019-08-01&resource=" + resource
+    if client_id != "-":
+        query += "&client_id=" + client_id
+    sock.sendall((f"GET /msi/token?{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                  f"X-IDENTITY-HEADER: {header}\r\nConnection: close\r\n\r\n").encode())
+    reply = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    print(head.split(b" ")[1].decode())
+    print(body.decode())
+    sys.stdout.flush()
+    os._exit(0)
+os.close(prompt_r)
+os.close(stdin_w)
+if mode == "su":
+    os.dup2(stdin_r, 0)
+    os.dup2(prompt_w, 1)
+    os.dup2(prompt_w, 2)
+    os.execv("/usr/bin/su", ["su", "root", "-c", "true"])
+os.waitpid(child, 0)
+"#;
+
+/// Runs [`HAND_OFF`] as `nobody`; returns (status, body).
+fn hand_off(agent: &DevAgent, client_id: Option<&str>, mode: &str) -> (u16, Value) {
+    let port = agent.addr.rsplit(':').next().unwrap();
+    let out = as_nobody()
+        .args([PYTHON, "-c", HAND_OFF, port, &agent.header, &agent.resource, client_id.unwrap_or("-"), mode])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut lines = stdout.lines();
+    let status = lines.next().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        panic!("the hand-off script gave no status: {stdout} {}", String::from_utf8_lossy(&out.stderr))
+    });
+    (status, serde_json::from_str(lines.next().unwrap_or("null")).unwrap_or(Value::Null))
+}
+
+/// Item 1: `nobody` hands its connection to a setuid-root program waiting at a prompt. The agent
+/// must not attest uid 0 (nor nobody, while a differently privileged process holds the socket).
+#[test]
+fn setuid_program_sharing_the_socket_borrows_no_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), free_port(), &[]);
+    let agent = dev_agent(&server);
+    run_cli(&server, &["identity", "create", "root-app"]);
+    run_cli(&server, &["identity", "bind", "root-app", "--uid", "0"]);
+    run_cli(&server, &["identity", "create", "nobody-app"]);
+    run_cli(&server, &["identity", "bind", "nobody-app", "--uid", NOBODY]);
+    let nobody_app = client_id(&server, "nobody-app");
+
+    let (status, body) = hand_off(&agent, None, "su");
+    assert_eq!(status, 403, "a setuid program holding the socket lent its uid: {}", summary(&body));
+    let (status, body) = hand_off(&agent, Some(&nobody_app), "su");
+    assert_eq!(status, 403, "holders that differ must be refused: {}", summary(&body));
+    assert!(
+        body["error_description"].as_str().unwrap_or_default().contains("differ"),
+        "the refusal says why: {}",
+        summary(&body)
+    );
+
+    // Control: the same hand-off between two unprivileged processes is attested as nobody.
+    let (status, body) = hand_off(&agent, None, "plain");
+    assert_eq!(status, 200, "{}", summary(&body));
+    assert_eq!(body["client_id"].as_str(), Some(nobody_app.as_str()));
+    let log = server.log_text();
+    assert!(log.contains("pids"), "the refusal is logged with the holders' pids:\n{log}");
+}
+
+/// Asks the agent from inside `unshare -Urm` as `nobody`, after bind-mounting curl over
+/// `bound`; returns (status, body).
+fn from_namespace(agent: &DevAgent, bound: &std::path::Path, client_id: &str) -> (u16, Value) {
+    let bound = bound.display();
+    let url = format!(
+        "http://{}/msi/token?api-version=2019-08-01&resource={}&client_id={client_id}",
+        agent.addr, agent.resource
+    );
+    let script = format!(
+        "mount --bind /usr/bin/curl {bound} && exec {bound} -s -w '\\n%{{http_code}}' \
+         -H 'X-IDENTITY-HEADER: {}' '{url}'",
+        agent.header
+    );
+    let out = as_nobody().args(["unshare", "-Urm", "sh", "-c", &script]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (body, status) = stdout.rsplit_once('\n').unwrap_or_else(|| {
+        panic!("no answer from the namespace: {stdout} {}", String::from_utf8_lossy(&out.stderr))
+    });
+    (status.trim().parse().unwrap(), serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// Item 2: a user + mount namespace bind-mounts curl over the bound path of a root-only tool;
+/// `/proc/PID/exe` then shows the bound path, but the running file is curl.
+#[test]
+fn executable_faked_by_a_bind_mount_in_a_namespace_is_not_attested() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), free_port(), &[]);
+    let agent = dev_agent(&server);
+    // A root-owned 0700 tool in a directory nobody can reach (for the bind mount's target).
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bound = bin.join("vault-tool");
+    std::fs::copy("/usr/bin/true", &bound).unwrap();
+    std::fs::set_permissions(&bound, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let bound_str = bound.to_str().unwrap();
+
+    run_cli(&server, &["identity", "create", "tool"]);
+    run_cli(&server, &["identity", "bind", "tool", "--exe", bound_str]);
+    let (status, body) = from_namespace(&agent, &bound, &client_id(&server, "tool"));
+    assert_eq!(status, 403, "a bind-mounted curl passed for {bound_str}: {}", summary(&body));
+
+    // A uid binding does not let a namespaced process through unless it says so.
+    run_cli(&server, &["identity", "create", "plain-uid"]);
+    run_cli(&server, &["identity", "bind", "plain-uid", "--uid", NOBODY]);
+    let (status, body) = from_namespace(&agent, &bound, &client_id(&server, "plain-uid"));
+    assert_eq!(status, 403, "{}", summary(&body));
+
+    run_cli(&server, &["identity", "create", "ns-uid"]);
+    run_cli(&server, &["identity", "bind", "ns-uid", "--uid", NOBODY, "--allow-namespaced"]);
+    let (status, body) = from_namespace(&agent, &bound, &client_id(&server, "ns-uid"));
+    assert_eq!(status, 200, "--allow-namespaced admits a namespaced process: {}", summary(&body));
+    let listed = run_cli(&server, &["identity", "bindings", "-o", "json"]);
+    assert!(listed.contains("\"allow_namespaced\": true"), "the flag is listed: {listed}");
+
+    // Even when namespaces are allowed, the executable is what runs, not what its path says.
+    run_cli(&server, &["identity", "create", "ns-tool"]);
+    run_cli(&server, &["identity", "bind", "ns-tool", "--exe", bound_str, "--allow-namespaced"]);
+    let (status, body) = from_namespace(&agent, &bound, &client_id(&server, "ns-tool"));
+    assert_eq!(status, 403, "{}", summary(&body));
+}
