@@ -252,9 +252,10 @@ pub enum AgentCommand {
         /// Loopback address for IDENTITY_ENDPOINT / AZURE_POD_IDENTITY_AUTHORITY_HOST.
         #[arg(long, default_value = "127.0.0.1:8081")]
         listen: SocketAddr,
-        /// The IDENTITY_HEADER value workloads send (an anti-SSRF marker, not a secret).
-        #[arg(long, default_value = "coffer-agent")]
-        identity_header: String,
+        /// The IDENTITY_HEADER value workloads send (an anti-SSRF marker, not a credential).
+        /// Random per start when not given; the ready line prints it.
+        #[arg(long)]
+        identity_header: Option<String>,
         #[arg(long, env = "COFFER_CA_FILE")]
         ca_file: Option<PathBuf>,
     },
@@ -591,7 +592,12 @@ pub async fn agent(cmd: AgentCommand) -> Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
             let local = listener.local_addr()?;
-            println!("coffer agent ready: IDENTITY_ENDPOINT=http://{local}/msi/token IDENTITY_HEADER={identity_header}");
+            let identity_header =
+                identity_header.unwrap_or_else(coffer_agent::endpoint::random_identity_header);
+            println!(
+                "coffer agent ready: IDENTITY_ENDPOINT=http://{local}{} IDENTITY_HEADER={identity_header}",
+                coffer_agent::endpoint::APP_SERVICE_PATH
+            );
             let stop = async {
                 let _ = tokio::signal::ctrl_c().await;
             };

@@ -1,9 +1,12 @@
 //! Process attestation against a local attacker (issue 15): a setuid program sharing the caller's
-//! socket, and a user + mount namespace that fakes the executable's path.
+//! socket, a user + mount namespace that fakes the executable's path, and requests the
+//! managed-identity endpoint must refuse (forwarded, foreign `Host`, wrong method or path).
 //! The tests run as root, as the others do, and become `nobody` with `setpriv`.
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
@@ -214,4 +217,93 @@ fn executable_faked_by_a_bind_mount_in_a_namespace_is_not_attested() {
     run_cli(&server, &["identity", "bind", "ns-tool", "--exe", bound_str, "--allow-namespaced"]);
     let (status, body) = from_namespace(&agent, &bound, &client_id(&server, "ns-tool"));
     assert_eq!(status, 403, "{}", summary(&body));
+}
+
+/// Sends `request` as raw HTTP/1.1 to `addr`; returns (status, JSON body or null).
+fn raw_http(addr: &str, request: &str) -> (u16, Value) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap();
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// Item 5: only a plain loopback `GET` on the protocol's own path gets a token.
+#[test]
+fn imds_and_app_service_refuse_forwarded_foreign_and_off_path_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), free_port(), &[]);
+    let agent = dev_agent(&server);
+    // This test process (root) is the workload.
+    run_cli(&server, &["identity", "create", "app"]);
+    run_cli(&server, &["identity", "bind", "app", "--uid", "0"]);
+    let (addr, resource, header) = (&agent.addr, &agent.resource, &agent.header);
+    let imds_path = format!("/metadata/identity/oauth2/token?api-version=2018-02-01&resource={resource}");
+    let app_path = format!("/msi/token?api-version=2019-08-01&resource={resource}");
+    let ask = |method: &str, path: &str, host: &str, extra: &str| {
+        raw_http(
+            addr,
+            &format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n"),
+        )
+    };
+    let metadata = "Metadata: true\r\n";
+    let identity = format!("X-IDENTITY-HEADER: {header}\r\n");
+    let trailing_slash = imds_path.replacen("token?", "token/?", 1);
+
+    // What the SDKs send works.
+    for (path, extra) in [(&imds_path, metadata), (&trailing_slash, metadata), (&app_path, identity.as_str())]
+    {
+        let (status, body) = ask("GET", path, addr, extra);
+        assert_eq!(status, 200, "GET {path}: {}", summary(&body));
+    }
+    let port = addr.rsplit(':').next().unwrap();
+    let (status, body) = ask("GET", &imds_path, &format!("localhost:{port}"), metadata);
+    assert_eq!(status, 200, "localhost is loopback: {}", summary(&body));
+
+    let refused = [
+        ("GET", &imds_path, addr.as_str(), format!("{metadata}X-Forwarded-For: 203.0.113.7\r\n"), 400),
+        ("GET", &imds_path, addr.as_str(), format!("{metadata}Forwarded: for=203.0.113.7\r\n"), 400),
+        ("GET", &imds_path, "evil.example", metadata.to_owned(), 400),
+        ("GET", &imds_path, "evil.example:80", metadata.to_owned(), 400),
+        ("POST", &imds_path, addr.as_str(), format!("{metadata}Content-Length: 0\r\n"), 405),
+        ("GET", &app_path, addr.as_str(), format!("{identity}X-Forwarded-For: 203.0.113.7\r\n"), 400),
+        ("GET", &app_path, "evil.example", identity.clone(), 400),
+        ("POST", &app_path, addr.as_str(), format!("{identity}Content-Length: 0\r\n"), 405),
+    ];
+    for (method, path, host, extra, expected) in refused {
+        let (status, body) = ask(method, path, host, &extra);
+        assert_eq!(status, expected, "{method} {path} Host {host} {extra:?}: {}", summary(&body));
+        assert!(body["error_description"].is_string(), "a JSON error: {body}");
+    }
+    // The App Service protocol answers on its own path only.
+    let elsewhere = format!("/anything/else?api-version=2019-08-01&resource={resource}");
+    let (status, body) = ask("GET", &elsewhere, addr, &identity);
+    assert_eq!(status, 404, "{}", summary(&body));
+}
+
+/// Item 5: `IDENTITY_HEADER` is random per data directory (not a public constant), kept across
+/// restarts so a workload's `dev.env` stays valid, and checked.
+#[test]
+fn dev_identity_header_is_random_per_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let first = TestServer::start(&data, free_port(), &[]);
+    let header = dev_agent(&first).header;
+    assert_ne!(header, "coffer-dev-agent", "the old public constant");
+    assert!(header.len() >= 32, "{header:?} is too short to be unguessable");
+    let other = TestServer::start(&dir.path().join("other"), free_port(), &[]);
+    assert_ne!(dev_agent(&other).header, header, "each data directory has its own");
+    drop(other);
+    drop(first);
+    let again = TestServer::start(&data, free_port(), &[]);
+    let agent = dev_agent(&again);
+    assert_eq!(agent.header, header, "kept across restarts");
+    let path = format!("/msi/token?api-version=2019-08-01&resource={}", agent.resource);
+    let (status, _) = raw_http(
+        &agent.addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: {}\r\nX-IDENTITY-HEADER: coffer-dev-agent\r\nConnection: close\r\n\r\n", agent.addr),
+    );
+    assert_eq!(status, 400, "the old constant is refused");
 }
