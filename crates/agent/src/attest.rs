@@ -3,9 +3,10 @@
 //! process holding it from `/proc/*/fd`, and each holder's ids, executable, namespaces and cgroup
 //! from its `/proc/PID`, read through one directory handle per process.
 //!
-//! What this proves: every process that holds the client's socket agrees on those facts, its
-//! real, effective, saved and filesystem ids are equal, and (when `exe_verified`) it runs the
-//! file the agent finds at its executable's path. What it cannot prove: that the process is not
+//! What this proves: every process that holds the client's socket agrees on those facts and runs
+//! as the uid that created the socket; whether its real, effective, saved and filesystem ids are
+//! equal; and (when `exe_verified`) that it runs the file the agent finds at its executable's
+//! path. What it cannot prove: that the process is not
 //! relaying for another one. Anything running as a bound uid can pass its token on, as on
 //! Azure, where IMDS answers whoever can reach it.
 
@@ -35,6 +36,12 @@ pub enum AttestError {
          socket (pids {}); connect from a process of its own", pids_list(.0)
     )]
     HoldersDiffer(Vec<u32>),
+    #[error(
+        "the connection's socket was created by uid {socket_uid} but is held by uid {holder_uid} \
+         (pid {pid}): a socket handed to another process is not attested; connect from the process \
+         that asks"
+    )]
+    NotTheCreator { socket_uid: u32, holder_uid: u32, pid: u32 },
 }
 
 fn pids_list(pids: &[u32]) -> String {
@@ -46,10 +53,19 @@ pub fn peer_process(peer: SocketAddr, local: SocketAddr) -> Result<ProcessFacts,
     if !peer.ip().is_loopback() {
         return Err(AttestError::NotLoopback(peer));
     }
-    let inode = diag::socket_inode(peer, local)
-        .or_else(|| socket_inode(peer, local))
+    let socket = diag::client_socket(peer, local)
+        .or_else(|| client_socket(peer, local))
         .ok_or(AttestError::NoSocket(peer))?;
-    attest_holders(inode, peer)
+    attest_holders(socket, peer)
+}
+
+/// The client's end of the connection, as the kernel's socket tables show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ClientSocket {
+    inode: u64,
+    /// Who created the socket (its inode's owner: the creating process's filesystem uid). Fixed
+    /// for the socket's life, whoever holds it later.
+    uid: u32,
 }
 
 /// `/proc/net/tcp` writes addresses as hex: IPv4 as one little-endian u32, IPv6 as four
@@ -80,9 +96,9 @@ fn same(a: SocketAddr, b: SocketAddr) -> bool {
     canon(a) == canon(b)
 }
 
-/// The inode of the client's socket: the row whose local address is the peer and whose remote
-/// address is our listening side.
-fn socket_inode(peer: SocketAddr, local: SocketAddr) -> Option<u64> {
+/// The client's socket: the row whose local address is the peer and whose remote address is our
+/// listening side.
+fn client_socket(peer: SocketAddr, local: SocketAddr) -> Option<ClientSocket> {
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let Ok(text) = fs::read_to_string(table) else { continue };
         for line in text.lines().skip(1) {
@@ -92,9 +108,9 @@ fn socket_inode(peer: SocketAddr, local: SocketAddr) -> Option<u64> {
             }
             let (Some(l), Some(r)) = (parse_proc_addr(cols[1]), parse_proc_addr(cols[2])) else { continue };
             if same(l, peer) && same(r, local) {
-                if let Ok(inode) = cols[9].parse::<u64>() {
+                if let (Ok(uid), Ok(inode)) = (cols[7].parse::<u32>(), cols[9].parse::<u64>()) {
                     if inode != 0 {
-                        return Some(inode);
+                        return Some(ClientSocket { inode, uid });
                     }
                 }
             }
@@ -114,6 +130,8 @@ mod diag {
     use std::net::{IpAddr, SocketAddr};
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
+    use super::ClientSocket;
+
     const SOCK_DIAG_BY_FAMILY: u16 = 20;
     const NLMSG_ERROR: u16 = 2;
     const NLM_F_REQUEST: u16 = 1;
@@ -122,7 +140,8 @@ mod diag {
     const SOCKID: usize = 48;
     /// `struct inet_diag_msg`: family, state, timer, retrans, the sockid, then expires, rqueue,
     /// wqueue, uid and inode (u32 each).
-    const INODE_AT: usize = HEADER + 4 + SOCKID + 16;
+    const UID_AT: usize = HEADER + 4 + SOCKID + 12;
+    const INODE_AT: usize = UID_AT + 4;
 
     /// The address as `inet_diag_sockid` holds it: 16 bytes, IPv4 in the first four.
     fn addr_bytes(ip: IpAddr) -> [u8; 16] {
@@ -153,9 +172,9 @@ mod diag {
         msg
     }
 
-    /// The inode of the socket whose own address is `src` and whose peer is `dst`, if the kernel
-    /// knows one with that family.
-    fn lookup(family: u8, src: SocketAddr, dst: SocketAddr) -> io::Result<Option<u64>> {
+    /// The socket whose own address is `src` and whose peer is `dst`, if the kernel knows one
+    /// with that family.
+    fn lookup(family: u8, src: SocketAddr, dst: SocketAddr) -> io::Result<Option<ClientSocket>> {
         // SAFETY: plain system calls on a descriptor this function owns (closed by OwnedFd),
         // with buffers that outlive the calls and whose lengths are passed.
         let fd = unsafe {
@@ -186,15 +205,17 @@ mod diag {
                 let ports_match = reply.get(id..id + 4)
                     == Some(&[src.port().to_be_bytes(), dst.port().to_be_bytes()].concat()[..]);
                 let inode = u32_at(INODE_AT).filter(|i| *i != 0);
-                Ok(inode.filter(|_| ports_match && reply.get(HEADER) == Some(&family)).map(u64::from))
+                let socket =
+                    inode.zip(u32_at(UID_AT)).map(|(inode, uid)| ClientSocket { inode: inode.into(), uid });
+                Ok(socket.filter(|_| ports_match && reply.get(HEADER) == Some(&family)))
             }
             Some(_) => Ok(None),
         }
     }
 
-    /// The inode of the client's socket (own address `peer`, connected to `local`), or `None`
-    /// if the kernel does not answer (then the caller reads `/proc/net`).
-    pub(super) fn socket_inode(peer: SocketAddr, local: SocketAddr) -> Option<u64> {
+    /// The client's socket (own address `peer`, connected to `local`), or `None` if the kernel
+    /// does not answer (then the caller reads `/proc/net`).
+    pub(super) fn client_socket(peer: SocketAddr, local: SocketAddr) -> Option<ClientSocket> {
         let v4 = |s: SocketAddr| match s.ip() {
             IpAddr::V4(v4) => Some(SocketAddr::new(IpAddr::V4(v4), s.port())),
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map(|v4| SocketAddr::new(IpAddr::V4(v4), s.port())),
@@ -205,8 +226,8 @@ mod diag {
         };
         // A client may have connected over IPv4 to a dual-stack listener, or the other way.
         if let (Some(p), Some(l)) = (v4(peer), v4(local)) {
-            if let Ok(Some(inode)) = lookup(libc::AF_INET as u8, p, l) {
-                return Some(inode);
+            if let Ok(Some(socket)) = lookup(libc::AF_INET as u8, p, l) {
+                return Some(socket);
             }
         }
         lookup(libc::AF_INET6 as u8, v6(peer), v6(local)).ok().flatten()
@@ -214,6 +235,7 @@ mod diag {
 
     #[cfg(test)]
     mod tests {
+        use super::ClientSocket;
         use std::net::{TcpListener, TcpStream};
         use std::os::unix::fs::MetadataExt;
 
@@ -226,10 +248,12 @@ mod diag {
             let (_server_side, peer) = listener.accept().unwrap();
             let fd_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&client));
             let inode = std::fs::metadata(fd_path).unwrap().ino();
-            assert_eq!(super::socket_inode(peer, local), Some(inode));
-            assert_eq!(super::super::socket_inode(peer, local), Some(inode), "/proc/net agrees");
+            let own_uid = std::fs::metadata("/proc/self").unwrap().uid();
+            let expected = Some(ClientSocket { inode, uid: own_uid });
+            assert_eq!(super::client_socket(peer, local), expected);
+            assert_eq!(super::super::client_socket(peer, local), expected, "/proc/net agrees");
             let elsewhere = std::net::SocketAddr::new(peer.ip(), peer.port().wrapping_add(1));
-            assert_eq!(super::socket_inode(elsewhere, local), None);
+            assert_eq!(super::client_socket(elsewhere, local), None);
         }
     }
 }
@@ -298,10 +322,15 @@ fn holders_of_socket(inode: u64) -> Vec<ProcDir> {
         .collect()
 }
 
-/// Attests the processes holding the socket `inode`: they must agree on every fact, and still
-/// hold the socket once their facts have been read (a holder that let go of it and then ran
-/// something else is not attested as that something else).
-fn attest_holders(inode: u64, peer: SocketAddr) -> Result<ProcessFacts, AttestError> {
+/// Attests the processes holding `socket`: they must agree on every fact, still hold the socket
+/// once their facts have been read (a holder that let go of it and then ran something else is
+/// not attested as that something else), and run as the uid that created it.
+///
+/// Why the creator: a descriptor can be passed (`SCM_RIGHTS`) to a process that accepts them
+/// from others, and the sender can keep a copy `/proc/PID/fd` does not list (a thread with a
+/// descriptor table of its own); the socket's owner is the one fact it cannot hand on.
+fn attest_holders(socket: ClientSocket, peer: SocketAddr) -> Result<ProcessFacts, AttestError> {
+    let inode = socket.inode;
     let target = format!("socket:[{inode}]");
     let own = AgentView::read().map_err(|e| AttestError::Proc(format!("the agent's own namespaces: {e}")))?;
     let mut holders = holders_of_socket(inode);
@@ -317,6 +346,13 @@ fn attest_holders(inode: u64, peer: SocketAddr) -> Result<ProcessFacts, AttestEr
     let Some(first) = facts.first() else { return Err(AttestError::NoProcess(peer)) };
     if facts.iter().any(|f| !first.same_attested_facts(f)) {
         return Err(AttestError::HoldersDiffer(facts.iter().map(|f| f.pid).collect()));
+    }
+    if first.uid != socket.uid {
+        return Err(AttestError::NotTheCreator {
+            socket_uid: socket.uid,
+            holder_uid: first.uid,
+            pid: first.pid,
+        });
     }
     Ok(first.clone())
 }
@@ -511,7 +547,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let copy = dir.path().join("sleeper");
         std::fs::copy("/bin/sleep", &copy).unwrap();
-        let mut child = std::process::Command::new(&copy).arg("30").spawn().unwrap();
+        // ETXTBSY while a concurrent test's fork still holds the copy's write descriptor.
+        let spawn = || std::process::Command::new(&copy).arg("30").spawn();
+        let mut child = std::iter::repeat_with(spawn)
+            .take(1000)
+            .find(|r| r.as_ref().map_or_else(|e| e.raw_os_error() != Some(libc::ETXTBSY), |_| true))
+            .unwrap()
+            .unwrap();
         let before = process_facts(child.id());
         std::fs::remove_file(&copy).unwrap();
         std::fs::copy("/bin/sleep", &copy).unwrap();

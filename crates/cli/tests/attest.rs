@@ -156,6 +156,99 @@ fn setuid_program_sharing_the_socket_borrows_no_identity() {
     assert!(log.contains("pids"), "the refusal is logged with the holders' pids:\n{log}");
 }
 
+/// Holds whatever descriptor it is sent over the Unix socket `argv[1]`, like any privileged
+/// service that accepts descriptors from its clients (D-Bus can carry them, for one).
+const RECEIVER: &str = r#"
+import os, socket, sys
+server = socket.socket(socket.AF_UNIX)
+server.bind(sys.argv[1])
+os.chmod(sys.argv[1], 0o777)
+server.listen(1)
+print("ready", flush=True)
+conn, _ = server.accept()
+_, fds, _, _ = socket.recv_fds(conn, 1, 4)
+conn.send(b"k")
+conn.recv(1)
+"#;
+
+/// As `nobody`: a thread keeps a private copy of the descriptor table (`unshare(CLONE_FILES)`),
+/// the main thread hands the connection to the receiver and closes its own copy, then the thread
+/// sends the request. The only holder `/proc/PID/fd` shows is then the receiver.
+const PASS_AND_HIDE: &str = r#"
+import ctypes, json, os, socket, sys, threading
+port, header, resource, path = sys.argv[1:5]
+libc = ctypes.CDLL(None, use_errno=True)
+sock = socket.create_connection(("127.0.0.1", int(port)))
+unshared, handed = threading.Event(), threading.Event()
+out = {}
+def hidden():
+    out["unshare"] = libc.unshare(0x400)  # CLONE_FILES: this thread's own descriptor table
+    unshared.set()
+    handed.wait()
+    sock.sendall((f"GET /msi/token?api-version=2019-08-01&resource={resource} HTTP/1.1\r\n"
+                  f"Host: 127.0.0.1:{port}\r\nX-IDENTITY-HEADER: {header}\r\nConnection: close\r\n\r\n").encode())
+    reply = b""
+    while chunk := sock.recv(65536):
+        reply += chunk
+    out["reply"] = reply
+thread = threading.Thread(target=hidden)
+thread.start()
+unshared.wait()
+assert out["unshare"] == 0, "unshare(CLONE_FILES) failed"
+peer = socket.socket(socket.AF_UNIX)
+peer.connect(path)
+socket.send_fds(peer, [b"x"], [sock.fileno()])
+peer.recv(1)
+os.close(sock.fileno())
+handed.set()
+thread.join()
+head, _, body = out["reply"].partition(b"\r\n\r\n")
+print(head.split(b" ")[1].decode())
+print(body.decode())
+"#;
+
+/// Item 1, by descriptor passing: a socket that `nobody` made, held only by a root process, is
+/// not attested as root.
+#[test]
+fn socket_handed_to_a_privileged_process_is_not_attested_as_it() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), free_port(), &[]);
+    let agent = dev_agent(&server);
+    run_cli(&server, &["identity", "create", "root-app"]);
+    run_cli(&server, &["identity", "bind", "root-app", "--uid", "0"]);
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.path().join("receiver.sock");
+    let path = path.to_str().unwrap();
+    let mut receiver = Command::new(PYTHON)
+        .args(["-c", RECEIVER, path])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(receiver.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let port = agent.addr.rsplit(':').next().unwrap();
+    let out = as_nobody()
+        .args([PYTHON, "-c", PASS_AND_HIDE, port, &agent.header, &agent.resource, path])
+        .output()
+        .unwrap();
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut lines = stdout.lines();
+    let status: u16 = lines.next().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        panic!("the script gave no status: {stdout} {}", String::from_utf8_lossy(&out.stderr))
+    });
+    let body: Value = serde_json::from_str(lines.next().unwrap_or("null")).unwrap_or(Value::Null);
+    assert_eq!(status, 403, "a socket nobody made was attested as its root holder: {}", summary(&body));
+    assert!(
+        body["error_description"].as_str().unwrap_or_default().contains("created by uid 65534"),
+        "{}",
+        summary(&body)
+    );
+}
+
 /// Asks the agent from inside `unshare -Urm` as `nobody`, after bind-mounting curl over
 /// `bound`; returns (status, body).
 fn from_namespace(agent: &DevAgent, bound: &std::path::Path, client_id: &str) -> (u16, Value) {
