@@ -386,6 +386,8 @@ fn dev_identity_header_is_random_per_data_directory() {
     let header = dev_agent(&first).header;
     assert_ne!(header, "coffer-dev-agent", "the old public constant");
     assert!(header.len() >= 32, "{header:?} is too short to be unguessable");
+    let kept = std::fs::metadata(data.join("identity-header")).unwrap();
+    assert_eq!(kept.permissions().mode() & 0o777, 0o600);
     let other = TestServer::start(&dir.path().join("other"), free_port(), &[]);
     assert_ne!(dev_agent(&other).header, header, "each data directory has its own");
     drop(other);
