@@ -297,6 +297,8 @@ fn executable_faked_by_a_bind_mount_in_a_namespace_is_not_attested() {
     run_cli(&server, &["identity", "bind", "plain-uid", "--uid", NOBODY]);
     let (status, body) = from_namespace(&agent, &bound, &client_id(&server, "plain-uid"));
     assert_eq!(status, 403, "{}", summary(&body));
+    let why = body["error_description"].as_str().unwrap_or_default();
+    assert!(why.contains("--allow-namespaced") && why.contains("no --exe binding"), "{why}");
 
     run_cli(&server, &["identity", "create", "ns-uid"]);
     run_cli(&server, &["identity", "bind", "ns-uid", "--uid", NOBODY, "--allow-namespaced"]);
