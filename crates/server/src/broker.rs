@@ -41,20 +41,20 @@ pub fn issue_for_agent(
     matched.sort_by(|a, b| a.object_id.cmp(&b.object_id));
     matched.dedup_by(|a, b| a.object_id == b.object_id);
     let wanted = request.client_id.as_deref().or(request.object_id.as_deref());
-    let identity = match wanted {
-        Some(id) => {
-            matched.into_iter().find(|i| i.client_id == id || i.object_id == id).ok_or_else(|| {
-                BrokerError::NotBound(format!(
+    let identity =
+        match wanted {
+            Some(id) => {
+                matched.into_iter().find(|i| i.client_id == id || i.object_id == id).ok_or_else(|| {
+                    BrokerError::NotBound(format!(
                     "The managed identity '{id}' is not bound to this process (pid {}, uid {}, exe {}).{}",
                     p.pid,
                     p.uid,
                     p.exe,
                     unverified(p)
                 ))
-            })?
-        }
-        None => {
-            match matched.as_slice() {
+                })?
+            }
+            None => match matched.as_slice() {
                 [one] => *one,
                 [] => {
                     return Err(BrokerError::NotBound(format!(
@@ -70,9 +70,8 @@ pub fn issue_for_agent(
                     "Several managed identities are bound to this process; choose one with AZURE_CLIENT_ID."
                         .into(),
                 )),
-            }
-        }
-    };
+            },
+        };
     let (token, claims) = state.tokens.issue_attested(
         &identity.object_id,
         state.tokens.lifetime_secs(),
