@@ -64,6 +64,11 @@ pub enum IdentityCommand {
         /// cgroup path prefix, e.g. /system.slice/app.service
         #[arg(long)]
         cgroup: Option<String>,
+        /// Also match processes in another user or mount namespace than the agent's (containers,
+        /// `unshare`). Their uid and cgroup are still checked; an --exe never matches a file that
+        /// differs from the one at that path on the host.
+        #[arg(long)]
+        allow_namespaced: bool,
         /// The agent whose host runs the workload (the dev server's is `dev-agent`).
         #[arg(long, default_value = coffer_server::DEV_AGENT_NAME)]
         agent: String,
@@ -247,9 +252,10 @@ pub enum AgentCommand {
         /// Loopback address for IDENTITY_ENDPOINT / AZURE_POD_IDENTITY_AUTHORITY_HOST.
         #[arg(long, default_value = "127.0.0.1:8081")]
         listen: SocketAddr,
-        /// The IDENTITY_HEADER value workloads send (an anti-SSRF marker, not a secret).
-        #[arg(long, default_value = "coffer-agent")]
-        identity_header: String,
+        /// The IDENTITY_HEADER value workloads send (an anti-SSRF marker, not a credential).
+        /// Random per start when not given; the ready line prints it.
+        #[arg(long)]
+        identity_header: Option<String>,
         #[arg(long, env = "COFFER_CA_FILE")]
         ca_file: Option<PathBuf>,
     },
@@ -307,11 +313,12 @@ pub async fn identity(cmd: IdentityCommand) -> Result<()> {
             eprintln!("deleted {name}");
             Ok(())
         }
-        IdentityCommand::Bind { name, uid, exe, unit, cgroup, agent, conn } => {
+        IdentityCommand::Bind { name, uid, exe, unit, cgroup, allow_namespaced, agent, conn } => {
             if uid.is_none() && exe.is_none() && unit.is_none() && cgroup.is_none() {
                 bail!("give at least one selector: --uid, --exe, --unit or --cgroup");
             }
-            let body = json!({"identity": name, "agent": agent, "uid": uid, "exe": exe, "unit": unit, "cgroupPrefix": cgroup});
+            let body = json!({"identity": name, "agent": agent, "uid": uid, "exe": exe, "unit": unit, "cgroupPrefix": cgroup,
+                "allowNamespaced": allow_namespaced});
             let out = conn.client()?.admin(Method::POST, "bindings", Some(&body)).await?;
             print_value(&out, conn.output, &BINDING_COLUMNS)
         }
@@ -327,7 +334,7 @@ pub async fn identity(cmd: IdentityCommand) -> Result<()> {
     }
 }
 
-const BINDING_COLUMNS: [(&str, &str); 7] = [
+const BINDING_COLUMNS: [(&str, &str); 8] = [
     ("Id", "id"),
     ("Identity", "identity_id"),
     ("Agent", "agent_id"),
@@ -335,6 +342,7 @@ const BINDING_COLUMNS: [(&str, &str); 7] = [
     ("Exe", "exe"),
     ("Unit", "unit"),
     ("CgroupPrefix", "cgroup_prefix"),
+    ("AllowNamespaced", "allow_namespaced"),
 ];
 
 async fn set_enabled(conn: &Connection, name: &str, enabled: bool) -> Result<()> {
@@ -584,7 +592,12 @@ pub async fn agent(cmd: AgentCommand) -> Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
             let local = listener.local_addr()?;
-            println!("coffer agent ready: IDENTITY_ENDPOINT=http://{local}/msi/token IDENTITY_HEADER={identity_header}");
+            let identity_header =
+                identity_header.unwrap_or_else(coffer_agent::endpoint::random_identity_header);
+            println!(
+                "coffer agent ready: IDENTITY_ENDPOINT=http://{local}{} IDENTITY_HEADER={identity_header}",
+                coffer_agent::endpoint::APP_SERVICE_PATH
+            );
             let stop = async {
                 let _ = tokio::signal::ctrl_c().await;
             };

@@ -68,6 +68,28 @@ async fn joined_agent_attests_callers_and_brokers_tokens() {
     let endpoint =
         line.split("IDENTITY_ENDPOINT=").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
 
+    // Without --identity-header, each start makes up its own (App Service's is per instance too).
+    let random_header = || {
+        let mut agent = Command::new(BIN)
+            .args(["agent", "run", "--listen", "127.0.0.1:0"])
+            .arg("--credential-file")
+            .arg(&credential)
+            .arg("--ca-file")
+            .arg(&ca)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(agent.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let _ = agent.kill();
+        let _ = agent.wait();
+        line.split("IDENTITY_HEADER=").nth(1).unwrap().trim().to_owned()
+    };
+    let (one, two) = (random_header(), random_header());
+    assert!(one.len() == 64 && one.bytes().all(|b| b.is_ascii_hexdigit()), "{one:?}");
+    assert_ne!(one, two);
+
     // This test process is the workload: bind an identity to its uid and executable.
     let exe = std::fs::read_link("/proc/self/exe").unwrap();
     let uid = own_uid().to_string();

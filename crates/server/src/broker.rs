@@ -7,6 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use coffer_agent::{BrokerError, BrokerRequest, BrokeredToken, TokenBroker};
 use coffer_core::authz::PrincipalKind;
+use coffer_core::identity::ProcessFacts;
 use zeroize::Zeroizing;
 
 use crate::api::AppState;
@@ -45,17 +46,24 @@ pub fn issue_for_agent(
             Some(id) => {
                 matched.into_iter().find(|i| i.client_id == id || i.object_id == id).ok_or_else(|| {
                     BrokerError::NotBound(format!(
-                        "The managed identity '{id}' is not bound to this process (pid {}, uid {}, exe {}).",
-                        p.pid, p.uid, p.exe
-                    ))
+                    "The managed identity '{id}' is not bound to this process (pid {}, uid {}, exe {}).{}",
+                    p.pid,
+                    p.uid,
+                    p.exe,
+                    unverified(p)
+                ))
                 })?
             }
             None => match matched.as_slice() {
                 [one] => *one,
                 [] => {
                     return Err(BrokerError::NotBound(format!(
-                        "No managed identity is bound to this process (pid {}, uid {}, gid {}, exe {}).",
-                        p.pid, p.uid, p.gid, p.exe
+                        "No managed identity is bound to this process (pid {}, uid {}, gid {}, exe {}).{}",
+                        p.pid,
+                        p.uid,
+                        p.gid,
+                        p.exe,
+                        unverified(p)
                     )))
                 }
                 _ => return Err(BrokerError::BadRequest(
@@ -76,6 +84,27 @@ pub fn issue_for_agent(
         resource: audience.to_owned(),
         client_id: identity.client_id.clone(),
     })
+}
+
+/// Why attested facts may match fewer bindings than they seem to, for the refusal's message.
+fn unverified(p: &ProcessFacts) -> String {
+    let mut why = String::new();
+    if !p.ids_consistent {
+        why.push_str(" Its real, effective and saved ids differ (a setuid program): it matches no binding.");
+    }
+    if !p.same_namespaces {
+        why.push_str(
+            " It runs in another user or mount namespace than the agent: only bindings made with \
+             --allow-namespaced match it.",
+        );
+    }
+    if !p.exe_verified {
+        why.push_str(
+            " Its executable is not the file at that path on the host (another namespace's file, or \
+             deleted or replaced since it started; restart it): no --exe binding matches it.",
+        );
+    }
+    why
 }
 
 /// The dev server's in-process agent: trusted like a joined agent, without the network hop.

@@ -61,9 +61,25 @@ pub fn database_path(data_dir: &Path) -> PathBuf {
 
 pub const ADMIN_NAME: &str = "coffer-admin";
 pub const DEV_AGENT_NAME: &str = "dev-agent";
-/// The App Service protocol's `IDENTITY_HEADER` for the dev agent: an anti-SSRF marker that
-/// the SDKs echo back, not a credential (the agent attests the caller).
-pub const DEV_IDENTITY_HEADER: &str = "coffer-dev-agent";
+/// Where the dev agent's `IDENTITY_HEADER` is kept: an anti-SSRF marker that the SDKs echo back,
+/// not a credential (the agent attests the caller). Random per data directory, like App Service's
+/// per instance, and kept across restarts so that a workload's copy of `dev.env` stays valid.
+const DEV_IDENTITY_HEADER_FILE: &str = "identity-header";
+
+/// The data directory's `IDENTITY_HEADER`, made on first use.
+fn dev_identity_header(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join(DEV_IDENTITY_HEADER_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(kept) if kept.len() == 64 && kept.bytes().all(|b| b.is_ascii_hexdigit()) => return Ok(kept),
+        Ok(_) => tracing::warn!(path = %path.display(), "replacing a malformed IDENTITY_HEADER file"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    let fresh = coffer_agent::endpoint::random_identity_header();
+    files::replace_file(&path, fresh.as_bytes(), 0o600)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(fresh)
+}
 
 impl Core {
     /// Opens the data directory (creating it in dev mode) and unlocks the keys.
@@ -225,9 +241,12 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> a
         tracing::warn!("AUDITING IS OFF: requests are not recorded (for benchmarks only)");
         None
     };
+    let identity_header =
+        agent_listener.as_ref().map(|_| dev_identity_header(&config.data_dir)).transpose()?;
     if config.mode == Mode::Dev {
         let agent_addr = agent_listener.as_ref().map(|l| l.local_addr()).transpose()?;
-        dev_bootstrap(&core, agent_addr).await?;
+        let agent = agent_addr.zip(identity_header.as_deref());
+        dev_bootstrap(&core, agent).await?;
     }
 
     let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| {
@@ -252,16 +271,15 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> a
         store,
         audit,
     });
-    if let (Some(agent), Some(listener)) = (dev_agent, agent_listener) {
+    if let (Some(agent), Some(listener), Some(identity_header)) = (dev_agent, agent_listener, identity_header)
+    {
         let broker = Arc::new(broker::LocalBroker { state: state.clone(), agent_id: agent.object_id });
         let mut stop = shutdown.clone();
         tokio::spawn(async move {
             let stopped = async move {
                 let _ = stop.changed().await;
             };
-            if let Err(e) =
-                coffer_agent::endpoint::serve(listener, DEV_IDENTITY_HEADER.into(), broker, stopped).await
-            {
+            if let Err(e) = coffer_agent::endpoint::serve(listener, identity_header, broker, stopped).await {
                 tracing::error!(error = %e, "the dev managed-identity endpoint failed");
             }
         });
@@ -368,7 +386,8 @@ fn spawn_purger(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
 }
 
 /// Dev mode: the `dev` vault, the administrator, `dev.env`, `admin.env` and a short how-to.
-async fn dev_bootstrap(core: &Core, agent_addr: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+/// `agent`: the dev agent's address and `IDENTITY_HEADER`, for `dev.env`.
+async fn dev_bootstrap(core: &Core, agent: Option<(std::net::SocketAddr, &str)>) -> anyhow::Result<()> {
     let config = &core.config;
     let dev = VaultName::parse(DEV_VAULT).expect("valid vault name");
     if core.vaults.vault(DEV_VAULT).is_none() {
@@ -393,11 +412,12 @@ async fn dev_bootstrap(core: &Core, agent_addr: Option<std::net::SocketAddr>) ->
     let ca_lines = format!(
         "export SSL_CERT_FILE='{ca}'\nexport REQUESTS_CA_BUNDLE='{ca}'\nexport NODE_EXTRA_CA_CERTS='{ca}'\n"
     );
-    let identity_lines = agent_addr
-        .map(|a| {
+    let identity_lines = agent
+        .map(|(a, header)| {
             format!(
-                "export IDENTITY_ENDPOINT='http://{a}/msi/token'\nexport IDENTITY_HEADER='{DEV_IDENTITY_HEADER}'\n\
-                 export AZURE_POD_IDENTITY_AUTHORITY_HOST='http://{a}'\n"
+                "export IDENTITY_ENDPOINT='http://{a}{}'\nexport IDENTITY_HEADER='{header}'\n\
+                 export AZURE_POD_IDENTITY_AUTHORITY_HOST='http://{a}'\n",
+                coffer_agent::endpoint::APP_SERVICE_PATH
             )
         })
         .unwrap_or_default();

@@ -161,6 +161,12 @@ fn migrate(conn: &Connection) -> Result<()> {
             events::SCHEMA_V3
         ))?;
     }
+    if version < 4 {
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {} PRAGMA user_version = 4; COMMIT;",
+            directory::SCHEMA_V4
+        ))?;
+    }
     Ok(())
 }
 

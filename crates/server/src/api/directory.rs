@@ -110,6 +110,8 @@ struct CreateBinding {
     exe: Option<String>,
     unit: Option<String>,
     cgroup_prefix: Option<String>,
+    #[serde(default)]
+    allow_namespaced: bool,
 }
 
 #[derive(Deserialize)]
@@ -484,6 +486,7 @@ async fn create_binding(state: &AppState, caller: &Principal, body: Body) -> Res
         exe: req.exe,
         unit: req.unit,
         cgroup_prefix: req.cgroup_prefix,
+        allow_namespaced: req.allow_namespaced,
     };
     if !binding.has_selector() {
         return Err(ApiError::bad_parameter(

@@ -70,6 +70,11 @@ INSERT INTO role_assignments (id, principal_id, role_id, scope)
 "#
 );
 
+/// v4: a binding may opt in to processes in other user or mount namespaces; existing bindings
+/// do not (issue 15: a namespace chooses what its paths show).
+pub(super) const SCHEMA_V4: &str =
+    "ALTER TABLE bindings ADD COLUMN allow_namespaced INTEGER NOT NULL DEFAULT 0;";
+
 fn unique_violation(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation)
 }
@@ -362,7 +367,8 @@ impl DirectoryStore for SqliteStore {
     async fn bindings(&self) -> Result<Vec<Binding>> {
         self.read(|c| {
             let mut stmt =
-                c.prepare("SELECT id, identity_id, agent_id, uid, exe, unit, cgroup_prefix FROM bindings")?;
+                c.prepare("SELECT id, identity_id, agent_id, uid, exe, unit, cgroup_prefix, allow_namespaced FROM bindings",
+            )?;
             let rows = stmt.query_map([], |r| {
                 Ok(Binding {
                     id: r.get(0)?,
@@ -372,6 +378,7 @@ impl DirectoryStore for SqliteStore {
                     exe: r.get(4)?,
                     unit: r.get(5)?,
                     cgroup_prefix: r.get(6)?,
+                    allow_namespaced: r.get(7)?,
                 })
             })?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -383,8 +390,9 @@ impl DirectoryStore for SqliteStore {
         let b = b.clone();
         self.write(move |tx| {
             tx.execute(
-                "INSERT INTO bindings (id, identity_id, agent_id, uid, exe, unit, cgroup_prefix) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![b.id, b.identity_id, b.agent_id, b.uid, b.exe, b.unit, b.cgroup_prefix],
+                "INSERT INTO bindings (id, identity_id, agent_id, uid, exe, unit, cgroup_prefix, allow_namespaced) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![b.id, b.identity_id, b.agent_id, b.uid, b.exe, b.unit, b.cgroup_prefix, b.allow_namespaced],
             )?;
             Ok(())
         })
@@ -511,9 +519,11 @@ mod tests {
                 exe: None,
                 unit: None,
                 cgroup_prefix: None,
+                allow_namespaced: true,
             })
             .await
             .unwrap();
+        assert!(store.bindings().await.unwrap()[0].allow_namespaced, "the flag is stored");
         let cred = CredentialRecord {
             id: "c1".into(),
             principal_id: "p1".into(),
@@ -532,5 +542,31 @@ mod tests {
         assert!(store.bindings().await.unwrap().is_empty());
         assert!(store.memberships().await.unwrap().is_empty());
         assert_eq!(store.principals().await.unwrap().len(), 2);
+    }
+
+    /// A binding stored before v4 does not admit namespaced processes.
+    #[tokio::test]
+    async fn bindings_from_before_v4_do_not_allow_namespaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            conn.execute_batch(&format!(
+                "{} {SCHEMA_V2} {} PRAGMA user_version = 3;",
+                super::super::SCHEMA_V1,
+                super::super::events::SCHEMA_V3
+            ))
+            .unwrap();
+            conn.execute_batch(
+                "INSERT INTO principals (object_id, display_name, kind, enabled, administrator, client_id) \
+                 VALUES ('p1', 'app', 'managed-identity', 1, 0, 'c1'), ('a1', 'host', 'agent', 1, 0, 'c2');
+                 INSERT INTO bindings (id, identity_id, agent_id, uid) VALUES ('b1', 'p1', 'a1', 1000);",
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let bindings = store.bindings().await.unwrap();
+        assert_eq!(bindings.len(), 1);
+        assert!(!bindings[0].allow_namespaced);
     }
 }
