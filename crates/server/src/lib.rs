@@ -6,6 +6,7 @@
 //! `ready`.
 
 pub mod api;
+pub mod argon;
 pub mod broker;
 pub mod config;
 pub mod directory;
@@ -14,6 +15,7 @@ pub mod files;
 pub mod keyring;
 pub mod rotation;
 pub mod serve;
+pub mod throttle;
 pub mod tls;
 pub mod tokens;
 pub mod vaults;
@@ -61,6 +63,14 @@ pub fn database_path(data_dir: &Path) -> PathBuf {
 
 pub const ADMIN_NAME: &str = "coffer-admin";
 pub const DEV_AGENT_NAME: &str = "dev-agent";
+/// The Argon2id budget: one computation per core (at most four), 19 MiB each, so credential
+/// checks can never hold more than 76 MiB however many sign-ins arrive at once; a check that
+/// waits longer than two seconds for its turn is refused with 429 (see `argon.rs`).
+fn argon_pool() -> argon::Argon2Pool {
+    let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+    argon::Argon2Pool::new(cores.min(4), std::time::Duration::from_secs(2))
+}
+
 /// The App Service protocol's `IDENTITY_HEADER` for the dev agent: an anti-SSRF marker that
 /// the SDKs echo back, not a credential (the agent attests the caller).
 pub const DEV_IDENTITY_HEADER: &str = "coffer-dev-agent";
@@ -111,7 +121,9 @@ impl Core {
         .context("cannot load the token-signing keys")?;
         let vaults =
             VaultService::load(store.clone(), keyring.clone()).await.context("cannot load the vaults")?;
-        let directory = Directory::load(store.clone()).await.context("cannot load the identity directory")?;
+        let directory = Directory::load(store.clone(), argon_pool())
+            .await
+            .context("cannot load the identity directory")?;
         let core = Self { config, store, keyring, tenant_id, tokens, vaults, directory };
         core.ensure_admin().await?;
         Ok(core)
@@ -251,6 +263,7 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> a
         keyring,
         store,
         audit,
+        sign_in_delays: Default::default(),
     });
     if let (Some(agent), Some(listener)) = (dev_agent, agent_listener) {
         let broker = Arc::new(broker::LocalBroker { state: state.clone(), agent_id: agent.object_id });

@@ -48,6 +48,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// `None` only when auditing was switched off (benchmarks).
     pub audit: Option<coffer_audit::AuditLog>,
+    /// Delays after repeated failed password sign-ins, per name.
+    pub sign_in_delays: crate::throttle::SignInDelays,
 }
 
 impl AppState {
