@@ -289,7 +289,7 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> a
         config.zone,
         if config.mode == Mode::Dev { "dev" } else { "production" }
     );
-    let served = serve::serve(listener, tls_config, app, shutdown.clone());
+    let served = serve::serve(listener, tls_config, app, config.connections.clone(), shutdown.clone());
     tokio::select! {
         r = served => r.context("the listener failed")?,
         _ = shutdown.changed() => {}

@@ -48,6 +48,11 @@ impl OAuthError {
         }
     }
 
+    /// A body that could not be read (too large, or too slow: 413 or 408), in OAuth's shape.
+    fn from_body(e: super::ApiError) -> Self {
+        Self::new(e.status, "invalid_request", 900144, e.message)
+    }
+
     /// A credential check that could not run: busy (429) or broken (500, details to the log).
     fn from_check(e: CheckError) -> Self {
         match e {
@@ -201,9 +206,7 @@ fn openid_configuration(
 }
 
 async fn form(req: Request) -> Result<Vec<(String, Zeroizing<String>)>, OAuthError> {
-    let body = read_body(req.into_body(), 1024 * 1024)
-        .await
-        .map_err(|_| OAuthError::invalid_request("The request body is too large."))?;
+    let body = read_body(req.into_body(), 1024 * 1024).await.map_err(OAuthError::from_body)?;
     let body = Zeroizing::new(body.to_vec());
     Ok(form_urlencoded::parse(&body).map(|(k, v)| (k.into_owned(), Zeroizing::new(v.into_owned()))).collect())
 }
@@ -526,9 +529,7 @@ async fn agent_join(
     req: Request,
     note: &mut AuditNote,
 ) -> Result<Response, OAuthError> {
-    let body = read_body(req.into_body(), 64 * 1024)
-        .await
-        .map_err(|_| OAuthError::invalid_request("body too large"))?;
+    let body = read_body(req.into_body(), 64 * 1024).await.map_err(OAuthError::from_body)?;
     let join: JoinRequest = serde_json::from_slice(&body)
         .map_err(|_| OAuthError::invalid_request("expected {\"joinToken\": \"…\"}"))?;
     let refused = || OAuthError::invalid_client("The join token is invalid, expired or already used.");
@@ -588,9 +589,7 @@ async fn agent_token(
             "Only agents may broker tokens.",
         ));
     }
-    let body = read_body(req.into_body(), 64 * 1024)
-        .await
-        .map_err(|_| OAuthError::invalid_request("body too large"))?;
+    let body = read_body(req.into_body(), 64 * 1024).await.map_err(OAuthError::from_body)?;
     let request: BrokerRequest = serde_json::from_slice(&body)
         .map_err(|e| OAuthError::invalid_request(format!("bad request: {e}")))?;
     note.agent = Some(principal.display_name.clone());

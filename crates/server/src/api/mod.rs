@@ -348,7 +348,18 @@ pub(crate) fn forbidden_by_rbac(denial: coffer_core::authz::Denial) -> ApiError 
 
 /// Reads the request body up to `limit` bytes.
 async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|_| {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(c) = cause {
+            if c.is::<crate::serve::BodyTimedOut>() {
+                return ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "RequestTimeout",
+                    "The request body did not arrive in time; send the whole body without pausing.",
+                );
+            }
+            cause = c.source();
+        }
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "RequestTooLarge",
