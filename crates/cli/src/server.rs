@@ -85,6 +85,13 @@ pub struct ServerSettings {
     /// Connections open at once from one IP address (default 256).
     #[arg(long, env = "COFFER_MAX_CONNECTIONS_PER_ADDRESS")]
     max_connections_per_address: Option<usize>,
+    /// Requests failing authentication allowed per client address and second (default 50);
+    /// past that they get 429 and are audited as one record per burst.
+    #[arg(long, env = "COFFER_FAILED_REQUESTS_PER_SEC")]
+    failed_requests_per_sec: Option<u32>,
+    /// How many failing requests a client address may make at once (default 200).
+    #[arg(long, env = "COFFER_FAILED_REQUESTS_BURST")]
+    failed_requests_burst: Option<u32>,
 }
 
 fn parse_on_off(text: &str) -> Result<bool, String> {
@@ -133,6 +140,8 @@ impl ServerSettings {
             idle_timeout_secs: self.idle_timeout_secs,
             max_connections: self.max_connections,
             max_connections_per_address: self.max_connections_per_address,
+            failed_requests_per_sec: self.failed_requests_per_sec,
+            failed_requests_burst: self.failed_requests_burst,
         };
         Ok(ServerConfig::resolve(mode, file.overlay(flags), prompt_passphrase)?)
     }

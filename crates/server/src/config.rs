@@ -52,6 +52,11 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     /// Connections open at once from one IP address (default 256).
     pub max_connections_per_address: Option<usize>,
+    /// Requests failing authentication (401s, refused sign-ins) allowed per client address and
+    /// second (default 50); past that, 429 and one audit record per burst.
+    pub failed_requests_per_sec: Option<u32>,
+    /// How many such requests a client address may make at once (default 200).
+    pub failed_requests_burst: Option<u32>,
 }
 
 impl FileConfig {
@@ -90,6 +95,8 @@ impl FileConfig {
             max_connections_per_address: other
                 .max_connections_per_address
                 .or(self.max_connections_per_address),
+            failed_requests_per_sec: other.failed_requests_per_sec.or(self.failed_requests_per_sec),
+            failed_requests_burst: other.failed_requests_burst.or(self.failed_requests_burst),
         }
     }
 }
@@ -148,6 +155,8 @@ pub struct ConnectionSettings {
     /// `None`: derived from the descriptor limit at start-up.
     pub max_connections: Option<usize>,
     pub max_per_address: usize,
+    /// Failing requests allowed per client address: (per second, at once).
+    pub failed_requests: (u32, u32),
 }
 
 impl ConnectionSettings {
@@ -168,6 +177,17 @@ impl ConnectionSettings {
             max_connections: at_least_one(file.max_connections, "max_connections")?,
             max_per_address: at_least_one(file.max_connections_per_address, "max_connections_per_address")?
                 .unwrap_or(256),
+            failed_requests: match (
+                file.failed_requests_per_sec.unwrap_or(50),
+                file.failed_requests_burst.unwrap_or(200),
+            ) {
+                (0, _) | (_, 0) => {
+                    return Err(ConfigError::Invalid(
+                        "failed_requests_per_sec and failed_requests_burst must be at least 1".into(),
+                    ))
+                }
+                limits => limits,
+            },
         })
     }
 }

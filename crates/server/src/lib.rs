@@ -264,6 +264,10 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> a
         store,
         audit,
         sign_in_delays: Default::default(),
+        failures: throttle::FailureThrottle::new(
+            config.connections.failed_requests.0,
+            config.connections.failed_requests.1,
+        ),
     });
     if let (Some(agent), Some(listener)) = (dev_agent, agent_listener) {
         let broker = Arc::new(broker::LocalBroker { state: state.clone(), agent_id: agent.object_id });
@@ -280,6 +284,7 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> a
         });
     }
     spawn_purger(state.clone(), shutdown.clone());
+    spawn_burst_recorder(state.clone(), shutdown.clone());
     events::spawn_dispatcher(state.clone(), &config.data_dir, shutdown.clone());
     rotation::spawn_rotator(state.clone(), shutdown.clone());
     let app = api::router(state.clone());
@@ -294,12 +299,37 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> a
         r = served => r.context("the listener failed")?,
         _ = shutdown.changed() => {}
     }
+    record_refused_bursts(&state, Duration::ZERO, Duration::ZERO).await;
     if let Some(audit) = &state.audit {
         if let Err(e) = audit.shutdown().await {
             tracing::error!(error = %e, "closing the audit log failed");
         }
     }
     Ok(())
+}
+
+/// Writes the audit records of refused bursts once a second: a burst is recorded when its
+/// client has been quiet for 2 s, or every 10 s while it goes on.
+fn spawn_burst_recorder(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.changed() => return,
+            }
+            record_refused_bursts(&state, Duration::from_secs(2), Duration::from_secs(10)).await;
+        }
+    });
+}
+
+async fn record_refused_bursts(state: &AppState, quiet: Duration, max_age: Duration) {
+    let bursts = state.failures.take_bursts(std::time::Instant::now(), quiet, max_age);
+    let Some(audit) = &state.audit else { return };
+    for (ip, burst) in bursts {
+        if let Err(e) = audit.record(api::refused_burst_event(ip, &burst)).await {
+            tracing::error!(error = %e, %ip, count = burst.count, "a refused burst could not be audited");
+        }
+    }
 }
 
 const AUDIT_HMAC_KEY: &str = "audit-hmac";

@@ -101,6 +101,15 @@ impl IntoResponse for OAuthError {
     }
 }
 
+/// The token service's 429 for a client that has spent its allowance of failures.
+pub(super) fn throttled(wait: Duration) -> Response {
+    OAuthError::throttled(
+        wait,
+        "Too many requests from this address failed; retry after the time in Retry-After.",
+    )
+    .into_response()
+}
+
 fn time_text() -> String {
     unix_now().to_string()
 }

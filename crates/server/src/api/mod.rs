@@ -50,6 +50,8 @@ pub struct AppState {
     pub audit: Option<coffer_audit::AuditLog>,
     /// Delays after repeated failed password sign-ins, per name.
     pub sign_in_delays: crate::throttle::SignInDelays,
+    /// The allowance of failing requests per client address.
+    pub failures: crate::throttle::FailureThrottle,
 }
 
 impl AppState {
@@ -171,7 +173,17 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response 
     let health_check = req.uri().path() == "/healthz";
     let host = request_host(&req);
     let mut note = AuditNote::default();
-    let mut response = match target(&state.zone, host.as_deref()) {
+    let target = target(&state.zone, host.as_deref());
+    let login = matches!(target, Target::Login);
+    // The token service reads bodies and runs Argon2 before it can tell a failure: a client
+    // that has spent its allowance of failures is refused before any of that.
+    if let (true, Some(ip)) = (login, client_ip) {
+        if let Err(wait) = state.failures.check(ip, std::time::Instant::now()) {
+            return with_request_id(throttled(wait, login), &request_id);
+        }
+    }
+    let charged = matches!(target, Target::Login | Target::Unknown);
+    let mut response = match target {
         Target::Vault(vault) => {
             keyvault::handle(&state, vault, host.unwrap_or_default(), req, &mut note).await
         }
@@ -182,6 +194,17 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response 
             ApiError::not_found("NotFound", "No service is served at this host name.").into_response()
         }
     };
+    // A failing request spends the client's allowance; past it, the answer is 429 and the
+    // request is counted into the client's refused burst (one audit record for all of them)
+    // instead of a record of its own.
+    let status = response.status();
+    if let (true, Some(ip)) =
+        (status == StatusCode::UNAUTHORIZED || (charged && status.is_client_error()), client_ip)
+    {
+        if let Err(wait) = state.failures.charge(ip, std::time::Instant::now()) {
+            return with_request_id(throttled(wait, login), &request_id);
+        }
+    }
     if let (Some(audit), false) = (&state.audit, health_check) {
         let event = audit_event(note, &response, time, started, &request_id, client_ip, user_agent);
         if let Err(e) = audit.record(event).await {
@@ -195,11 +218,62 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response 
             .into_response();
         }
     }
+    with_request_id(response, &request_id)
+}
+
+fn with_request_id(mut response: Response, request_id: &str) -> Response {
     // Invariant: a UUID is a valid header value.
+    response.headers_mut().insert("x-ms-request-id", HeaderValue::from_str(request_id).expect("uuid header"));
     response
-        .headers_mut()
-        .insert("x-ms-request-id", HeaderValue::from_str(&request_id).expect("uuid header"));
+}
+
+/// 429 with `Retry-After`: Key Vault's `Throttled` error, or OAuth's shape at the token service.
+fn throttled(wait: std::time::Duration, oauth: bool) -> Response {
+    if oauth {
+        return identity::throttled(wait);
+    }
+    let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+    let mut response = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "Throttled",
+        format!("Too many requests from this address failed authentication; retry after {secs} seconds."),
+    )
+    .into_response();
+    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
     response
+}
+
+/// The audit record of a client's refused burst: how many requests were refused, from when to
+/// when (the record's time is the first refusal's).
+pub(crate) fn refused_burst_event(
+    ip: std::net::IpAddr,
+    burst: &crate::throttle::RefusedBurst,
+) -> coffer_audit::AuditEvent {
+    let rfc3339 = |t: std::time::SystemTime| {
+        time::OffsetDateTime::from(t)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| "?".into())
+    };
+    coffer_audit::AuditEvent {
+        time: burst.first,
+        request_id: uuid::Uuid::new_v4().to_string(),
+        operation: "ThrottledRequests".into(),
+        result: coffer_audit::AuditResult::Denied,
+        status: 429,
+        duration_ms: burst.last.duration_since(burst.first).unwrap_or_default().as_secs_f64() * 1000.0,
+        client_ip: Some(ip),
+        user_agent: None,
+        principal: None,
+        resource: Default::default(),
+        grant: None,
+        denial_reason: Some(format!(
+            "{} requests refused with 429 from {} to {}: too many failed authentications from this address",
+            burst.count,
+            rfc3339(burst.first),
+            rfc3339(burst.last)
+        )),
+        credential_hmac: None,
+    }
 }
 
 fn audit_event(
