@@ -162,3 +162,62 @@ async fn an_idle_connection_flood_does_not_lock_others_out() {
     assert!(accept_failed <= 2, "accept failures logged {accept_failed} times");
     assert!((1..=2).contains(&refused), "refusals logged {refused} times");
 }
+
+/// Ids, `nextLink` and discovery documents name the configured zone and public port, whatever
+/// `Host` says (before: its case, trailing dot and port were copied into them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn urls_are_canonical_whatever_the_host_header_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), free_port(), &[]);
+    let port = server.port;
+    for name in ["one", "two"] {
+        assert!(common::cli(&server, &["secret", "set", name, "--value", "v"]).0);
+    }
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(server.data_dir.join("ca.pem")).unwrap()).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let http = reqwest::Client::builder()
+        .use_rustls_tls()
+        .http1_only()
+        .add_root_certificate(ca)
+        .resolve("dev.localhost", addr)
+        .resolve("login.localhost", addr)
+        .build()
+        .unwrap();
+    let token = server.env("COFFER_TOKEN");
+    let get = |url: String, host: &'static str| http.get(url).header("host", host).bearer_auth(&token).send();
+    let vault = format!("https://dev.localhost:{port}");
+    let body: serde_json::Value = get(format!("{vault}/secrets/one?api-version=7.5"), "DEV.LocalHost.:1")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        body["id"].as_str().unwrap().rsplit_once('/').unwrap().0,
+        format!("{vault}/secrets/one"),
+        "{body}"
+    );
+    let body: serde_json::Value =
+        get(format!("{vault}/secrets?api-version=7.5&maxresults=1"), "Dev.localhost:9")
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert!(body["nextLink"].as_str().unwrap().starts_with(&format!("{vault}/secrets?")), "{body}");
+    assert!(body["value"][0]["id"].as_str().unwrap().starts_with(&format!("{vault}/secrets/")), "{body}");
+    let body: serde_json::Value = get(
+        format!("https://login.localhost:{port}/adfs/.well-known/openid-configuration"),
+        "LOGIN.localhost.:7",
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(body["token_endpoint"], format!("https://login.localhost:{port}/adfs/oauth2/token"), "{body}");
+    assert_eq!(body["issuer"], format!("https://login.localhost:{port}/adfs"), "{body}");
+    // A name that is not served is still refused.
+    let r = get(format!("{vault}/secrets/one?api-version=7.5"), "dev.localhost.evil:1").await.unwrap();
+    assert_eq!(r.status(), 404);
+}

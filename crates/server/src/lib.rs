@@ -255,6 +255,7 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> a
     let state = Arc::new(AppState {
         zone: config.zone.clone(),
         public_port: config.public_port,
+        public_host: AppState::public_host(&config.zone, config.public_port),
         challenge,
         tokens,
         vaults,

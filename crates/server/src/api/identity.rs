@@ -118,15 +118,11 @@ fn json_ok(status: StatusCode, body: serde_json::Value) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json; charset=utf-8")], body.to_string()).into_response()
 }
 
-pub(super) async fn handle(
-    state: &Arc<AppState>,
-    host: &str,
-    req: Request,
-    note: &mut AuditNote,
-) -> Response {
+pub(super) async fn handle(state: &Arc<AppState>, req: Request, note: &mut AuditNote) -> Response {
     let path = req.uri().path().trim_end_matches('/').to_owned();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let base = format!("https://{host}");
+    // Discovery documents and assertion audiences name the configured host, never `Host`.
+    let base = ["https://login.", state.public_host.as_str()].concat();
     note.operation = match (req.method(), segments.as_slice()) {
         (_, [.., ".well-known", "openid-configuration"]) => "OpenIdConfiguration",
         (_, [.., "keys"]) => "Jwks",

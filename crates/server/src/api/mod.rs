@@ -39,6 +39,9 @@ pub struct AppState {
     pub zone: String,
     /// The port clients use (part of the audience and of every URL the server writes).
     pub public_port: u16,
+    /// `<zone>[:<public port>]`: every URL the server writes ends its host with this, whatever
+    /// `Host` the request carried.
+    pub public_host: String,
     pub challenge: HeaderValue,
     pub tokens: TokenAuthority,
     pub vaults: VaultService,
@@ -78,6 +81,11 @@ impl AppState {
     /// The URL of a vault as clients address it.
     pub fn vault_url(zone: &str, port: u16, vault: &str) -> String {
         with_port(format!("https://{vault}.{zone}"), port)
+    }
+
+    /// `<zone>[:port]`, what [`AppState::public_host`] holds.
+    pub fn public_host(zone: &str, port: u16) -> String {
+        with_port(zone.to_owned(), port)
     }
 }
 
@@ -184,11 +192,9 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response 
     }
     let charged = matches!(target, Target::Login | Target::Unknown);
     let mut response = match target {
-        Target::Vault(vault) => {
-            keyvault::handle(&state, vault, host.unwrap_or_default(), req, &mut note).await
-        }
+        Target::Vault(vault) => keyvault::handle(&state, vault, req, &mut note).await,
         Target::Root => admin::handle(&state, req, &mut note).await,
-        Target::Login => identity::handle(&state, &host.unwrap_or_default(), req, &mut note).await,
+        Target::Login => identity::handle(&state, req, &mut note).await,
         Target::Unknown => {
             note.operation = "UnknownHost";
             ApiError::not_found("NotFound", "No service is served at this host name.").into_response()
