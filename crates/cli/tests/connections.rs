@@ -221,3 +221,28 @@ async fn urls_are_canonical_whatever_the_host_header_says() {
     let r = get(format!("{vault}/secrets/one?api-version=7.5"), "dev.localhost.evil:1").await.unwrap();
     assert_eq!(r.status(), 404);
 }
+
+/// An unauthenticated 200 KB PUT over HTTP/2 receives its 401. Answered before its body was
+/// read, the stream used to be reset under the client, which reported a framing error
+/// instead (curl: exit 92, in 2 of 10 tries here). curl is the client that showed it.
+#[test]
+fn an_unauthenticated_http2_put_with_a_body_receives_its_401() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), free_port(), &[]);
+    let body = dir.path().join("body.json");
+    std::fs::write(&body, format!("{{\"value\":\"{}\"}}", "x".repeat(200 * 1024))).unwrap();
+    let mut outcomes = Vec::new();
+    for _ in 0..20 {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--http2", "-X", "PUT"])
+            .args(["-H", "content-type: application/json", "--cacert"])
+            .arg(server.data_dir.join("ca.pem"))
+            .args(["--resolve", &format!("dev.localhost:{}:127.0.0.1", server.port), "--data-binary"])
+            .arg(format!("@{}", body.display()))
+            .arg(format!("https://dev.localhost:{}/secrets/x?api-version=7.5", server.port))
+            .output()
+            .expect("curl is installed");
+        outcomes.push((out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned()));
+    }
+    assert!(outcomes.iter().all(|o| *o == (Some(0), "401".to_owned())), "{outcomes:?}");
+}
