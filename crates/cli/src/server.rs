@@ -70,6 +70,28 @@ pub struct ServerSettings {
     /// durable with one fsync (default 8 MiB; 0 turns it off).
     #[arg(long, env = "COFFER_AUDIT_JOURNAL_MIB")]
     audit_journal_mib: Option<u64>,
+    /// Seconds a client has to send a request's headers (default 10).
+    #[arg(long, env = "COFFER_HEADER_TIMEOUT_SECS")]
+    header_timeout_secs: Option<u64>,
+    /// Seconds a client has to send a request's body (default 30).
+    #[arg(long, env = "COFFER_BODY_TIMEOUT_SECS")]
+    body_timeout_secs: Option<u64>,
+    /// Seconds a connection may stay open with no request in progress (default 60).
+    #[arg(long, env = "COFFER_IDLE_TIMEOUT_SECS")]
+    idle_timeout_secs: Option<u64>,
+    /// Connections open at once (default 4096, or fewer under a lower descriptor limit).
+    #[arg(long, env = "COFFER_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Connections open at once from one IP address (default 256).
+    #[arg(long, env = "COFFER_MAX_CONNECTIONS_PER_ADDRESS")]
+    max_connections_per_address: Option<usize>,
+    /// Requests failing authentication allowed per client address and second (default 50);
+    /// past that they get 429 and are audited as one record per burst.
+    #[arg(long, env = "COFFER_FAILED_REQUESTS_PER_SEC")]
+    failed_requests_per_sec: Option<u32>,
+    /// How many failing requests a client address may make at once (default 200).
+    #[arg(long, env = "COFFER_FAILED_REQUESTS_BURST")]
+    failed_requests_burst: Option<u32>,
 }
 
 fn parse_on_off(text: &str) -> Result<bool, String> {
@@ -113,6 +135,13 @@ impl ServerSettings {
             audit_retention_days: self.audit_retention_days,
             audit_max_file_mib: self.audit_max_file_mib,
             audit_journal_mib: self.audit_journal_mib,
+            header_timeout_secs: self.header_timeout_secs,
+            body_timeout_secs: self.body_timeout_secs,
+            idle_timeout_secs: self.idle_timeout_secs,
+            max_connections: self.max_connections,
+            max_connections_per_address: self.max_connections_per_address,
+            failed_requests_per_sec: self.failed_requests_per_sec,
+            failed_requests_burst: self.failed_requests_burst,
         };
         Ok(ServerConfig::resolve(mode, file.overlay(flags), prompt_passphrase)?)
     }

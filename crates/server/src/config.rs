@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 use thiserror::Error;
@@ -40,6 +41,22 @@ pub struct FileConfig {
     /// Size of the audit commit journal in MiB (default 8; 0 turns it off: each group commit
     /// then fsyncs the growing audit file).
     pub audit_journal_mib: Option<u64>,
+    /// Seconds a client has to send a request's headers (HTTP/1.1; default 10).
+    pub header_timeout_secs: Option<u64>,
+    /// Seconds a client has to send a request's body once its headers arrived (default 30).
+    pub body_timeout_secs: Option<u64>,
+    /// Seconds a connection may stay open with no request in progress (default 60).
+    pub idle_timeout_secs: Option<u64>,
+    /// Connections open at once, all clients together (default: 4096, or fewer when the
+    /// descriptor limit is lower).
+    pub max_connections: Option<usize>,
+    /// Connections open at once from one IP address (default 256).
+    pub max_connections_per_address: Option<usize>,
+    /// Requests failing authentication (401s, refused sign-ins) allowed per client address and
+    /// second (default 50); past that, 429 and one audit record per burst.
+    pub failed_requests_per_sec: Option<u32>,
+    /// How many such requests a client address may make at once (default 200).
+    pub failed_requests_burst: Option<u32>,
 }
 
 impl FileConfig {
@@ -71,6 +88,15 @@ impl FileConfig {
             audit_retention_days: other.audit_retention_days.or(self.audit_retention_days),
             audit_max_file_mib: other.audit_max_file_mib.or(self.audit_max_file_mib),
             audit_journal_mib: other.audit_journal_mib.or(self.audit_journal_mib),
+            header_timeout_secs: other.header_timeout_secs.or(self.header_timeout_secs),
+            body_timeout_secs: other.body_timeout_secs.or(self.body_timeout_secs),
+            idle_timeout_secs: other.idle_timeout_secs.or(self.idle_timeout_secs),
+            max_connections: other.max_connections.or(self.max_connections),
+            max_connections_per_address: other
+                .max_connections_per_address
+                .or(self.max_connections_per_address),
+            failed_requests_per_sec: other.failed_requests_per_sec.or(self.failed_requests_per_sec),
+            failed_requests_burst: other.failed_requests_burst.or(self.failed_requests_burst),
         }
     }
 }
@@ -117,6 +143,53 @@ pub struct ServerConfig {
     /// Dev mode's in-process managed-identity endpoint (plain HTTP, loopback only).
     pub agent_listen: Option<SocketAddr>,
     pub audit: AuditSettings,
+    pub connections: ConnectionSettings,
+}
+
+/// How long a client may take, and how many connections it may hold (see `serve.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionSettings {
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// `None`: derived from the descriptor limit at start-up.
+    pub max_connections: Option<usize>,
+    pub max_per_address: usize,
+    /// Failing requests allowed per client address: (per second, at once).
+    pub failed_requests: (u32, u32),
+}
+
+impl ConnectionSettings {
+    fn from_file(file: &FileConfig) -> Result<Self, ConfigError> {
+        let secs = |value: Option<u64>, default: u64, key: &str| match value.unwrap_or(default) {
+            0 => Err(ConfigError::Invalid(format!("{key} must be at least 1 second"))),
+            n if n > 3600 => Err(ConfigError::Invalid(format!("{key} is {n}: at most 3600 seconds"))),
+            n => Ok(Duration::from_secs(n)),
+        };
+        let at_least_one = |value: Option<usize>, key: &str| match value {
+            Some(0) => Err(ConfigError::Invalid(format!("{key} must be at least 1"))),
+            other => Ok(other),
+        };
+        Ok(Self {
+            header_timeout: secs(file.header_timeout_secs, 10, "header_timeout_secs")?,
+            body_timeout: secs(file.body_timeout_secs, 30, "body_timeout_secs")?,
+            idle_timeout: secs(file.idle_timeout_secs, 60, "idle_timeout_secs")?,
+            max_connections: at_least_one(file.max_connections, "max_connections")?,
+            max_per_address: at_least_one(file.max_connections_per_address, "max_connections_per_address")?
+                .unwrap_or(256),
+            failed_requests: match (
+                file.failed_requests_per_sec.unwrap_or(50),
+                file.failed_requests_burst.unwrap_or(200),
+            ) {
+                (0, _) | (_, 0) => {
+                    return Err(ConfigError::Invalid(
+                        "failed_requests_per_sec and failed_requests_burst must be at least 1".into(),
+                    ))
+                }
+                limits => limits,
+            },
+        })
+    }
 }
 
 /// Where and how requests are audited.
@@ -187,6 +260,7 @@ impl ServerConfig {
         passphrase_prompt: impl FnOnce() -> Option<zeroize::Zeroizing<String>>,
     ) -> Result<Self, ConfigError> {
         let audit = AuditSettings::from_file(&file)?;
+        let connections = ConnectionSettings::from_file(&file)?;
         let listen_text = file.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
         let listen: SocketAddr = listen_text
             .parse()
@@ -248,6 +322,7 @@ impl ServerConfig {
                     token_lifetime_secs,
                     agent_listen,
                     audit,
+                    connections,
                 })
             }
             Mode::Production => {
@@ -309,6 +384,7 @@ impl ServerConfig {
                     token_lifetime_secs,
                     agent_listen: None,
                     audit,
+                    connections,
                 })
             }
         }

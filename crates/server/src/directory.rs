@@ -6,9 +6,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use argon2::password_hash::rand_core::OsRng;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
 use base64::Engine;
 use coffer_core::authz::{builtin_roles, Principal, PrincipalKind, Rbac, RoleAssignment};
 use coffer_core::identity::{Binding, CredentialKind, CredentialRecord, FederatedCredential};
@@ -16,6 +13,7 @@ use coffer_store::{Store, StoreError};
 use rand::RngCore;
 use zeroize::Zeroizing;
 
+use crate::argon::{Argon2Pool, ArgonError, Candidate};
 use crate::tokens::unix_now;
 
 /// Everything authorization and token issuance need, immutable once built.
@@ -60,6 +58,18 @@ impl Snapshot {
 pub struct Directory {
     store: Arc<dyn Store>,
     snapshot: RwLock<Arc<Snapshot>>,
+    /// Every Argon2id computation (hashing and checking credentials) runs here, within a fixed
+    /// memory budget.
+    argon: Argon2Pool,
+}
+
+/// Why a credential could not be checked (a wrong credential is `Ok(None)`, not an error).
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Argon(#[from] ArgonError),
 }
 
 /// A freshly generated credential: shown to the caller once, stored only as a hash.
@@ -69,9 +79,9 @@ pub struct IssuedSecret {
 }
 
 impl Directory {
-    pub async fn load(store: Arc<dyn Store>) -> Result<Self, StoreError> {
+    pub async fn load(store: Arc<dyn Store>, argon: Argon2Pool) -> Result<Self, StoreError> {
         let snapshot = build(store.as_ref()).await?;
-        Ok(Self { store, snapshot: RwLock::new(Arc::new(snapshot)) })
+        Ok(Self { store, snapshot: RwLock::new(Arc::new(snapshot)), argon })
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -123,7 +133,7 @@ impl Directory {
             id: credential_id.clone(),
             principal_id: principal_id.to_owned(),
             kind,
-            material: hash_secret(secret.as_bytes())?,
+            material: self.hash_secret(secret.as_bytes()).await?,
             created: unix_now() as i64,
             expires,
         };
@@ -152,7 +162,7 @@ impl Directory {
             id: uuid::Uuid::new_v4().simple().to_string(),
             principal_id: principal_id.to_owned(),
             kind: CredentialKind::Password,
-            material: hash_secret(password.as_bytes())?,
+            material: self.hash_secret(password.as_bytes()).await?,
             created: unix_now() as i64,
             expires: None,
         };
@@ -162,41 +172,46 @@ impl Directory {
     }
 
     /// Checks `presented` against the principal's unexpired credentials of `kind`; returns the
-    /// matching credential's id. Argon2 verification compares in constant time.
+    /// matching credential's id. Argon2 verification compares in constant time. A password
+    /// check with no stored password does the same work as one with (see [`Argon2Pool`]), so
+    /// callers can check unknown sign-in names through [`Directory::verify_unknown`] alike.
     pub async fn verify_secret(
         &self,
         principal_id: &str,
         kind: CredentialKind,
         presented: &str,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Option<String>, CheckError> {
         let now = unix_now() as i64;
         let wanted_id =
             presented.split_once('_').and_then(|(_, rest)| rest.split_once('.')).map(|(id, _)| id);
         let records = self.store.credentials(principal_id, kind).await?;
-        let candidates: Vec<CredentialRecord> = records
+        let candidates: Vec<Candidate> = records
             .into_iter()
             .filter(|r| r.expires.is_none_or(|e| e > now))
             .filter(|r| kind == CredentialKind::Password || Some(r.id.as_str()) == wanted_id)
+            .map(|r| Candidate { id: r.id, phc: r.material })
             .collect();
+        if candidates.is_empty() && kind != CredentialKind::Password {
+            // Generated secrets name their credential: no such id, nothing to compute.
+            return Ok(None);
+        }
         let presented = Zeroizing::new(presented.as_bytes().to_vec());
-        tokio::task::spawn_blocking(move || {
-            Ok(candidates.into_iter().find(|r| verify_hash(&r.material, &presented)).map(|r| r.id))
-        })
-        .await
-        .map_err(|e| StoreError::Backend(e.to_string()))?
+        Ok(self.argon.verify_any(candidates, presented).await?)
     }
-}
 
-fn hash_secret(secret: &[u8]) -> Result<String, StoreError> {
-    let salt = SaltString::generate(&mut OsRng);
-    Argon2::default()
-        .hash_password(secret, &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| StoreError::Backend(format!("hashing a credential: {e}")))
-}
+    /// The work of a password check for a sign-in name that does not exist (always `None`),
+    /// so that unknown and known names answer alike.
+    pub async fn verify_unknown(&self, presented: &str) -> Result<Option<String>, CheckError> {
+        let presented = Zeroizing::new(presented.as_bytes().to_vec());
+        Ok(self.argon.verify_any(Vec::new(), presented).await?)
+    }
 
-fn verify_hash(phc: &str, presented: &[u8]) -> bool {
-    PasswordHash::new(phc).is_ok_and(|hash| Argon2::default().verify_password(presented, &hash).is_ok())
+    async fn hash_secret(&self, secret: &[u8]) -> Result<String, StoreError> {
+        self.argon
+            .hash(Zeroizing::new(secret.to_vec()))
+            .await
+            .map_err(|e| StoreError::Backend(format!("hashing a credential: {e}")))
+    }
 }
 
 async fn build(store: &dyn Store) -> Result<Snapshot, StoreError> {

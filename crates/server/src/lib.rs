@@ -6,6 +6,7 @@
 //! `ready`.
 
 pub mod api;
+pub mod argon;
 pub mod broker;
 pub mod config;
 pub mod directory;
@@ -14,6 +15,7 @@ pub mod files;
 pub mod keyring;
 pub mod rotation;
 pub mod serve;
+pub mod throttle;
 pub mod tls;
 pub mod tokens;
 pub mod vaults;
@@ -81,6 +83,14 @@ fn dev_identity_header(data_dir: &Path) -> anyhow::Result<String> {
     Ok(fresh)
 }
 
+/// The Argon2id budget: one computation per core (at most four), 19 MiB each, so credential
+/// checks can never hold more than 76 MiB however many sign-ins arrive at once; a check that
+/// waits longer than two seconds for its turn is refused with 429 (see `argon.rs`).
+fn argon_pool() -> argon::Argon2Pool {
+    let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+    argon::Argon2Pool::new(cores.min(4), std::time::Duration::from_secs(2))
+}
+
 impl Core {
     /// Opens the data directory (creating it in dev mode) and unlocks the keys.
     pub async fn open(config: ServerConfig) -> anyhow::Result<Self> {
@@ -127,7 +137,9 @@ impl Core {
         .context("cannot load the token-signing keys")?;
         let vaults =
             VaultService::load(store.clone(), keyring.clone()).await.context("cannot load the vaults")?;
-        let directory = Directory::load(store.clone()).await.context("cannot load the identity directory")?;
+        let directory = Directory::load(store.clone(), argon_pool())
+            .await
+            .context("cannot load the identity directory")?;
         let core = Self { config, store, keyring, tenant_id, tokens, vaults, directory };
         core.ensure_admin().await?;
         Ok(core)
@@ -262,6 +274,7 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> a
     let state = Arc::new(AppState {
         zone: config.zone.clone(),
         public_port: config.public_port,
+        public_host: AppState::public_host(&config.zone, config.public_port),
         challenge,
         tokens,
         vaults,
@@ -270,6 +283,11 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> a
         keyring,
         store,
         audit,
+        sign_in_delays: Default::default(),
+        failures: throttle::FailureThrottle::new(
+            config.connections.failed_requests.0,
+            config.connections.failed_requests.1,
+        ),
     });
     if let (Some(agent), Some(listener), Some(identity_header)) = (dev_agent, agent_listener, identity_header)
     {
@@ -285,6 +303,7 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> a
         });
     }
     spawn_purger(state.clone(), shutdown.clone());
+    spawn_burst_recorder(state.clone(), shutdown.clone());
     events::spawn_dispatcher(state.clone(), &config.data_dir, shutdown.clone());
     rotation::spawn_rotator(state.clone(), shutdown.clone());
     let app = api::router(state.clone());
@@ -294,17 +313,42 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> a
         config.zone,
         if config.mode == Mode::Dev { "dev" } else { "production" }
     );
-    let served = serve::serve(listener, tls_config, app, shutdown.clone());
+    let served = serve::serve(listener, tls_config, app, config.connections.clone(), shutdown.clone());
     tokio::select! {
         r = served => r.context("the listener failed")?,
         _ = shutdown.changed() => {}
     }
+    record_refused_bursts(&state, Duration::ZERO, Duration::ZERO).await;
     if let Some(audit) = &state.audit {
         if let Err(e) = audit.shutdown().await {
             tracing::error!(error = %e, "closing the audit log failed");
         }
     }
     Ok(())
+}
+
+/// Writes the audit records of refused bursts once a second: a burst is recorded when its
+/// client has been quiet for 2 s, or every 10 s while it goes on.
+fn spawn_burst_recorder(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.changed() => return,
+            }
+            record_refused_bursts(&state, Duration::from_secs(2), Duration::from_secs(10)).await;
+        }
+    });
+}
+
+async fn record_refused_bursts(state: &AppState, quiet: Duration, max_age: Duration) {
+    let bursts = state.failures.take_bursts(std::time::Instant::now(), quiet, max_age);
+    let Some(audit) = &state.audit else { return };
+    for (ip, burst) in bursts {
+        if let Err(e) = audit.record(api::refused_burst_event(ip, &burst)).await {
+            tracing::error!(error = %e, %ip, count = burst.count, "a refused burst could not be audited");
+        }
+    }
 }
 
 const AUDIT_HMAC_KEY: &str = "audit-hmac";

@@ -43,18 +43,29 @@ impl TestServer {
 
     /// Starts the server; on failure returns its output.
     pub fn try_start(data_dir: &Path, port: u16, extra_args: &[&str]) -> Result<TestServer, String> {
+        Self::try_start_with(data_dir, port, extra_args, |_| ())
+    }
+
+    /// [`TestServer::try_start`], with `prepare` applied to the command before it runs.
+    pub fn try_start_with(
+        data_dir: &Path,
+        port: u16,
+        extra_args: &[&str],
+        prepare: impl FnOnce(&mut Command),
+    ) -> Result<TestServer, String> {
         let log = data_dir.with_extension(format!("{port}.log"));
         let log_file = std::fs::File::create(&log).unwrap();
-        let mut child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .args(["server", "--dev", "--data-dir"])
             .arg(data_dir)
             .args(["--listen", &format!("127.0.0.1:{port}"), "--agent-listen", "127.0.0.1:0"])
             .args(extra_args)
             .env("COFFER_LOG", "info")
             .stdout(Stdio::piped())
-            .stderr(log_file)
-            .spawn()
-            .unwrap();
+            .stderr(log_file);
+        prepare(&mut command);
+        let mut child = command.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         let log_copy = log.clone();

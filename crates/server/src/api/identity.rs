@@ -21,6 +21,8 @@ use serde_json::json;
 use zeroize::Zeroizing;
 
 use super::{read_body, AppState, AuditNote};
+use crate::argon::ArgonError;
+use crate::directory::CheckError;
 use crate::tokens::unix_now;
 
 /// An OAuth error, in Entra's shape.
@@ -29,11 +31,45 @@ struct OAuthError {
     error: &'static str,
     code: u32,
     description: String,
+    /// Sent as `Retry-After` (whole seconds, rounded up) with a 429.
+    retry_after: Option<Duration>,
 }
 
 impl OAuthError {
     fn new(status: StatusCode, error: &'static str, code: u32, description: impl Into<String>) -> Self {
-        Self { status, error, code, description: description.into() }
+        Self { status, error, code, description: description.into(), retry_after: None }
+    }
+
+    /// 429 with `Retry-After`. MSAL honours both (its throttling cache waits the time given).
+    fn throttled(retry_after: Duration, description: impl Into<String>) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "temporarily_unavailable", 50196, description)
+        }
+    }
+
+    /// A body that could not be read (too large, or too slow: 413 or 408), in OAuth's shape.
+    fn from_body(e: super::ApiError) -> Self {
+        Self::new(e.status, "invalid_request", 900144, e.message)
+    }
+
+    /// A credential check that could not run: busy (429) or broken (500, details to the log).
+    fn from_check(e: CheckError) -> Self {
+        match e {
+            CheckError::Argon(ArgonError::Busy) => Self::throttled(
+                Duration::from_secs(1),
+                "Too many sign-ins are being checked at once; retry in a moment.",
+            ),
+            other => {
+                tracing::error!(error = %other, "a credential check failed");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    50000,
+                    "The credential could not be checked.",
+                )
+            }
+        }
     }
 
     fn invalid_client(description: impl Into<String>) -> Self {
@@ -56,8 +92,22 @@ impl IntoResponse for OAuthError {
             "trace_id": id,
             "correlation_id": id,
         });
-        json_ok(self.status, body)
+        let mut response = json_ok(self.status, body);
+        if let Some(wait) = self.retry_after {
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(secs.max(1)));
+        }
+        response
     }
+}
+
+/// The token service's 429 for a client that has spent its allowance of failures.
+pub(super) fn throttled(wait: Duration) -> Response {
+    OAuthError::throttled(
+        wait,
+        "Too many requests from this address failed; retry after the time in Retry-After.",
+    )
+    .into_response()
 }
 
 fn time_text() -> String {
@@ -68,15 +118,11 @@ fn json_ok(status: StatusCode, body: serde_json::Value) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json; charset=utf-8")], body.to_string()).into_response()
 }
 
-pub(super) async fn handle(
-    state: &Arc<AppState>,
-    host: &str,
-    req: Request,
-    note: &mut AuditNote,
-) -> Response {
+pub(super) async fn handle(state: &Arc<AppState>, req: Request, note: &mut AuditNote) -> Response {
     let path = req.uri().path().trim_end_matches('/').to_owned();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let base = format!("https://{host}");
+    // Discovery documents and assertion audiences name the configured host, never `Host`.
+    let base = ["https://login.", state.public_host.as_str()].concat();
     note.operation = match (req.method(), segments.as_slice()) {
         (_, [.., ".well-known", "openid-configuration"]) => "OpenIdConfiguration",
         (_, [.., "keys"]) => "Jwks",
@@ -165,9 +211,7 @@ fn openid_configuration(
 }
 
 async fn form(req: Request) -> Result<Vec<(String, Zeroizing<String>)>, OAuthError> {
-    let body = read_body(req.into_body(), 1024 * 1024)
-        .await
-        .map_err(|_| OAuthError::invalid_request("The request body is too large."))?;
+    let body = read_body(req.into_body(), 1024 * 1024).await.map_err(OAuthError::from_body)?;
     let body = Zeroizing::new(body.to_vec());
     Ok(form_urlencoded::parse(&body).map(|(k, v)| (k.into_owned(), Zeroizing::new(v.into_owned()))).collect())
 }
@@ -259,9 +303,7 @@ async fn client_credentials(
             .directory
             .verify_secret(&principal.object_id, CredentialKind::ClientSecret, secret)
             .await
-            .map_err(|e| {
-                OAuthError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", 50000, e.to_string())
-            })?;
+            .map_err(OAuthError::from_check)?;
         return match ok {
             Some(_) => Ok(principal),
             None => Err(OAuthError::invalid_client("Invalid client secret provided.")),
@@ -292,15 +334,39 @@ async fn password_grant(
         field(form, "username").ok_or_else(|| OAuthError::invalid_request("username is required."))?;
     let password =
         field(form, "password").ok_or_else(|| OAuthError::invalid_request("password is required."))?;
+    if let Err(wait) = state.sign_in_delays.check(username, Instant::now()) {
+        return Err(OAuthError::throttled(
+            wait,
+            "Too many failed sign-ins for this name; retry after the time in Retry-After.",
+        ));
+    }
     let snapshot = state.directory.snapshot();
     let bad =
         || OAuthError::new(StatusCode::BAD_REQUEST, "invalid_grant", 50126, "Invalid username or password.");
-    let user = usable(snapshot.resolve(username), &[PrincipalKind::User]).ok_or_else(bad)?;
-    let ok =
-        state.directory.verify_secret(&user.object_id, CredentialKind::Password, password).await.map_err(
-            |e| OAuthError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", 50000, e.to_string()),
-        )?;
-    ok.map(|_| user).ok_or_else(bad)
+    // An unknown or disabled name costs the same Argon2 work as a known one and answers alike.
+    let user = usable(snapshot.resolve(username), &[PrincipalKind::User]);
+    let matched = match &user {
+        Some(user) => {
+            state.directory.verify_secret(&user.object_id, CredentialKind::Password, password).await
+        }
+        None => state.directory.verify_unknown(password).await,
+    }
+    .map_err(OAuthError::from_check)?;
+    match (user, matched) {
+        (Some(user), Some(_)) => {
+            state.sign_in_delays.succeeded(username);
+            Ok(user)
+        }
+        _ => {
+            if let Some(delay) = state.sign_in_delays.failed(username, Instant::now()) {
+                tracing::warn!(
+                    delay_secs = delay.as_secs(),
+                    "repeated failed sign-ins for one name: delaying it"
+                );
+            }
+            Err(bad())
+        }
+    }
 }
 
 /// Algorithms accepted for assertions: asymmetric only (never HS*, never none).
@@ -468,9 +534,7 @@ async fn agent_join(
     req: Request,
     note: &mut AuditNote,
 ) -> Result<Response, OAuthError> {
-    let body = read_body(req.into_body(), 64 * 1024)
-        .await
-        .map_err(|_| OAuthError::invalid_request("body too large"))?;
+    let body = read_body(req.into_body(), 64 * 1024).await.map_err(OAuthError::from_body)?;
     let join: JoinRequest = serde_json::from_slice(&body)
         .map_err(|_| OAuthError::invalid_request("expected {\"joinToken\": \"…\"}"))?;
     let refused = || OAuthError::invalid_client("The join token is invalid, expired or already used.");
@@ -487,9 +551,7 @@ async fn agent_join(
     let verified = directory
         .verify_secret(&record.principal_id, CredentialKind::JoinToken, &join.join_token)
         .await
-        .map_err(|e| {
-            OAuthError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", 50000, e.to_string())
-        })?;
+        .map_err(OAuthError::from_check)?;
     // One use only: whoever deletes the row wins.
     if verified.is_none() || !directory.store().take_credential(id).await.unwrap_or(false) {
         return Err(refused());
@@ -532,9 +594,7 @@ async fn agent_token(
             "Only agents may broker tokens.",
         ));
     }
-    let body = read_body(req.into_body(), 64 * 1024)
-        .await
-        .map_err(|_| OAuthError::invalid_request("body too large"))?;
+    let body = read_body(req.into_body(), 64 * 1024).await.map_err(OAuthError::from_body)?;
     let request: BrokerRequest = serde_json::from_slice(&body)
         .map_err(|e| OAuthError::invalid_request(format!("bad request: {e}")))?;
     note.agent = Some(principal.display_name.clone());

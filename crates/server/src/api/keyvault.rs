@@ -135,11 +135,10 @@ fn check_api_version(value: Option<&str>) -> Result<(), ApiError> {
 pub(super) async fn handle(
     state: &Arc<AppState>,
     vault_name: String,
-    host: String,
     req: Request,
     note: &mut AuditNote,
 ) -> Response {
-    match handle_inner(state, vault_name, host, req, note).await {
+    match handle_inner(state, vault_name, req, note).await {
         Ok(response) => response,
         Err(e) => {
             if note.denial.is_none() && matches!(e.status.as_u16(), 401 | 403) {
@@ -181,7 +180,6 @@ impl Route<'_> {
 async fn handle_inner(
     state: &Arc<AppState>,
     vault_name: String,
-    host: String,
     req: Request,
     note: &mut AuditNote,
 ) -> Result<Response, ApiError> {
@@ -230,7 +228,8 @@ async fn handle_inner(
     let limit = if route == Route::Restore { RESTORE_BODY_LIMIT } else { BODY_LIMIT };
     let body = read_body(body, limit).await?;
     let ctx = Ctx {
-        host: &host,
+        vault: &vault_name,
+        public_host: &state.public_host,
         policy: vault.record.policy,
         api_version: query_value(&pairs, "api-version").unwrap_or_default(),
     };
@@ -552,7 +551,11 @@ struct Page<T> {
 
 /// What every response of one request shares.
 struct Ctx<'a> {
-    host: &'a str,
+    /// The vault's name as served (lowercase) and the zone's public `host[:port]`: ids and
+    /// links are built from the configuration, never from the request's `Host`, whose case,
+    /// trailing dot or port a client chooses.
+    vault: &'a str,
+    public_host: &'a str,
     policy: RetentionPolicy,
     api_version: &'a str,
 }
@@ -562,13 +565,13 @@ impl<'a> Ctx<'a> {
         self.url(&[])
     }
 
-    /// `https://<host>` followed by `parts`, in one allocation: ids are built for every secret
-    /// returned, and `format!` showed in GET profiles.
+    /// `https://<vault>.<public host>` followed by `parts`, in one allocation: ids are built
+    /// for every secret returned, and `format!` showed in GET profiles.
     fn url(&self, parts: &[&str]) -> String {
-        const SCHEME: &str = "https://";
-        let len = SCHEME.len() + self.host.len() + parts.iter().map(|p| p.len()).sum::<usize>();
+        let head = ["https://", self.vault, ".", self.public_host];
+        let len = head.iter().chain(parts).map(|p| p.len()).sum::<usize>();
         let mut url = String::with_capacity(len);
-        for part in [SCHEME, self.host].iter().chain(parts) {
+        for part in head.iter().chain(parts) {
             url.push_str(part);
         }
         url
@@ -652,7 +655,8 @@ mod tests {
     #[test]
     fn ids_are_the_vault_url_and_the_secret_path() {
         let ctx = Ctx {
-            host: "prod.localhost:8443",
+            vault: "prod",
+            public_host: "localhost:8443",
             policy: RetentionPolicy { retention_days: 7, purge_protection: false },
             api_version: "7.5",
         };
