@@ -12,6 +12,7 @@ pub mod directory;
 pub mod events;
 pub mod files;
 pub mod keyring;
+pub mod replay;
 pub mod rotation;
 pub mod serve;
 pub mod tls;
@@ -248,6 +249,7 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> a
         vaults,
         directory,
         federation_keys: Default::default(),
+        assertion_ids: Default::default(),
         keyring,
         store,
         audit,

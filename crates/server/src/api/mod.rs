@@ -44,6 +44,8 @@ pub struct AppState {
     pub vaults: VaultService,
     pub directory: Directory,
     pub federation_keys: FederationKeys,
+    /// The `jti`s of certificate assertions already used.
+    pub assertion_ids: crate::replay::AssertionIds,
     pub keyring: Arc<Keyring>,
     pub store: Arc<dyn Store>,
     /// `None` only when auditing was switched off (benchmarks).
