@@ -70,6 +70,11 @@ pub struct ServerSettings {
     /// durable with one fsync (default 8 MiB; 0 turns it off).
     #[arg(long, env = "COFFER_AUDIT_JOURNAL_MIB")]
     audit_journal_mib: Option<u64>,
+    /// Internal addresses webhooks and federation JWKS URLs may reach (comma-separated ranges,
+    /// addresses or host names, e.g. 127.0.0.1,10.0.0.0/8,hooks.internal); by default loopback,
+    /// private and link-local addresses are refused.
+    #[arg(long, env = "COFFER_OUTBOUND_ALLOW", value_delimiter = ',')]
+    outbound_allow: Vec<String>,
 }
 
 fn parse_on_off(text: &str) -> Result<bool, String> {
@@ -113,6 +118,7 @@ impl ServerSettings {
             audit_retention_days: self.audit_retention_days,
             audit_max_file_mib: self.audit_max_file_mib,
             audit_journal_mib: self.audit_journal_mib,
+            outbound_allow: (!self.outbound_allow.is_empty()).then(|| self.outbound_allow.clone()),
         };
         Ok(ServerConfig::resolve(mode, file.overlay(flags), prompt_passphrase)?)
     }

@@ -40,6 +40,9 @@ pub struct FileConfig {
     /// Size of the audit commit journal in MiB (default 8; 0 turns it off: each group commit
     /// then fsyncs the growing audit file).
     pub audit_journal_mib: Option<u64>,
+    /// Internal addresses (ranges like `10.0.0.0/8`, addresses, host names) that webhooks and
+    /// federation JWKS URLs may reach; by default loopback, private and link-local are refused.
+    pub outbound_allow: Option<Vec<String>>,
 }
 
 impl FileConfig {
@@ -71,6 +74,7 @@ impl FileConfig {
             audit_retention_days: other.audit_retention_days.or(self.audit_retention_days),
             audit_max_file_mib: other.audit_max_file_mib.or(self.audit_max_file_mib),
             audit_journal_mib: other.audit_journal_mib.or(self.audit_journal_mib),
+            outbound_allow: other.outbound_allow.or(self.outbound_allow),
         }
     }
 }
@@ -117,6 +121,8 @@ pub struct ServerConfig {
     /// Dev mode's in-process managed-identity endpoint (plain HTTP, loopback only).
     pub agent_listen: Option<SocketAddr>,
     pub audit: AuditSettings,
+    /// What webhooks and JWKS fetches may connect to.
+    pub outbound: std::sync::Arc<crate::outbound::OutboundPolicy>,
 }
 
 /// Where and how requests are audited.
@@ -187,6 +193,10 @@ impl ServerConfig {
         passphrase_prompt: impl FnOnce() -> Option<zeroize::Zeroizing<String>>,
     ) -> Result<Self, ConfigError> {
         let audit = AuditSettings::from_file(&file)?;
+        let outbound = std::sync::Arc::new(
+            crate::outbound::OutboundPolicy::parse(file.outbound_allow.as_deref().unwrap_or_default())
+                .map_err(ConfigError::Invalid)?,
+        );
         let listen_text = file.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
         let listen: SocketAddr = listen_text
             .parse()
@@ -248,6 +258,7 @@ impl ServerConfig {
                     token_lifetime_secs,
                     agent_listen,
                     audit,
+                    outbound,
                 })
             }
             Mode::Production => {
@@ -309,6 +320,7 @@ impl ServerConfig {
                     token_lifetime_secs,
                     agent_listen: None,
                     audit,
+                    outbound,
                 })
             }
         }
@@ -370,6 +382,24 @@ mod tests {
         let bad = FileConfig { zone: Some("bad zone".into()), ..Default::default() };
         assert!(ServerConfig::resolve(Mode::Dev, bad, no_prompt).is_err());
         assert_eq!((c.audit.max_file_mib, c.audit.journal_mib), (4, 8));
+    }
+
+    #[test]
+    fn outbound_allow_parses_ranges_addresses_and_hosts() {
+        let file: FileConfig =
+            toml::from_str("outbound_allow = [\"127.0.0.0/8\", \"10.1.2.3\", \"hooks.internal\"]\n").unwrap();
+        let c = ServerConfig::resolve(Mode::Dev, file, no_prompt).unwrap();
+        assert!(c.outbound.ip_allowed("127.0.0.5".parse().unwrap()));
+        assert!(c.outbound.ip_allowed("10.1.2.3".parse().unwrap()));
+        assert!(!c.outbound.ip_allowed("10.1.2.4".parse().unwrap()));
+        let default = ServerConfig::resolve(Mode::Dev, FileConfig::default(), no_prompt).unwrap();
+        assert!(
+            !default.outbound.ip_allowed("127.0.0.1".parse().unwrap()),
+            "dev mode allows nothing by default"
+        );
+        let bad = FileConfig { outbound_allow: Some(vec!["10.0.0.0/99".into()]), ..Default::default() };
+        let err = ServerConfig::resolve(Mode::Dev, bad, no_prompt).unwrap_err();
+        assert!(err.to_string().contains("outbound_allow"), "{err}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod directory;
 pub mod events;
 pub mod files;
 pub mod keyring;
+pub mod outbound;
 pub mod replay;
 pub mod rotation;
 pub mod serve;
@@ -250,6 +251,7 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> a
         directory,
         federation_keys: Default::default(),
         assertion_ids: Default::default(),
+        outbound: config.outbound.clone(),
         keyring,
         store,
         audit,

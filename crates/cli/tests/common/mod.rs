@@ -43,6 +43,16 @@ impl TestServer {
 
     /// Starts the server; on failure returns its output.
     pub fn try_start(data_dir: &Path, port: u16, extra_args: &[&str]) -> Result<TestServer, String> {
+        Self::try_start_with_env(data_dir, port, extra_args, &[])
+    }
+
+    /// Starts the server with extra environment variables (e.g. `SSL_CERT_FILE`).
+    pub fn try_start_with_env(
+        data_dir: &Path,
+        port: u16,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<TestServer, String> {
         let log = data_dir.with_extension(format!("{port}.log"));
         let log_file = std::fs::File::create(&log).unwrap();
         let mut child = Command::new(BIN)
@@ -50,6 +60,7 @@ impl TestServer {
             .arg(data_dir)
             .args(["--listen", &format!("127.0.0.1:{port}"), "--agent-listen", "127.0.0.1:0"])
             .args(extra_args)
+            .envs(env.iter().copied())
             .env("COFFER_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(log_file)

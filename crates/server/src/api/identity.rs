@@ -21,6 +21,7 @@ use serde_json::json;
 use zeroize::Zeroizing;
 
 use super::{read_body, AppState, AuditNote};
+use crate::outbound::OutboundPolicy;
 use crate::tokens::unix_now;
 
 /// An OAuth error, in Entra's shape.
@@ -413,7 +414,7 @@ async fn verify_assertion(
     // writes one token to a file that the SDKs re-read until it is rotated (as Entra accepts).
     let mut last = String::from("no key of the issuer matches its key id");
     for fc in candidates {
-        let jwks = match state.federation_keys.keys(fc).await {
+        let jwks = match state.federation_keys.keys(fc, &state.outbound).await {
             Ok(jwks) => jwks,
             Err(e) => {
                 last = e;
@@ -541,7 +542,11 @@ pub struct FederationKeys {
 const JWKS_CACHE_TTL: Duration = Duration::from_secs(300);
 
 impl FederationKeys {
-    async fn keys(&self, fc: &FederatedCredential) -> Result<jsonwebtoken::jwk::JwkSet, String> {
+    async fn keys(
+        &self,
+        fc: &FederatedCredential,
+        outbound: &Arc<OutboundPolicy>,
+    ) -> Result<jsonwebtoken::jwk::JwkSet, String> {
         if let Some(inline) = &fc.jwks {
             return serde_json::from_str(inline).map_err(|e| format!("the configured JWKS is invalid: {e}"));
         }
@@ -551,16 +556,23 @@ impl FederationKeys {
                 return Ok(set.clone());
             }
         }
-        let http = reqwest::Client::builder()
-            .use_rustls_tls()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| e.to_string())?;
-        let set: jsonwebtoken::jwk::JwkSet = http
-            .get(url)
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
+        // Only where the outbound policy allows, and no redirects: the issuer's JWKS URL is
+        // exactly the one registered.
+        let parsed = reqwest::Url::parse(url).map_err(|e| format!("the JWKS URL {url} is invalid: {e}"))?;
+        outbound.check_url(&parsed).map_err(|e| format!("cannot fetch the issuer's keys from {url}: {e}"))?;
+        let http =
+            outbound.client_builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
+        let response = http.get(parsed).send().await.map_err(|e| {
+            format!("cannot fetch the issuer's keys from {url}: {}", crate::events::error_chain(&e))
+        })?;
+        if response.status().is_redirection() {
+            return Err(format!(
+                "the issuer's JWKS URL {url} redirects ({}); register the final URL",
+                response.status()
+            ));
+        }
+        let set: jsonwebtoken::jwk::JwkSet = response
+            .error_for_status()
             .map_err(|e| format!("cannot fetch the issuer's keys from {url}: {e}"))?
             .json()
             .await

@@ -46,6 +46,8 @@ pub struct AppState {
     pub federation_keys: FederationKeys,
     /// The `jti`s of certificate assertions already used.
     pub assertion_ids: crate::replay::AssertionIds,
+    /// Where webhooks and JWKS fetches may connect.
+    pub outbound: Arc<crate::outbound::OutboundPolicy>,
     pub keyring: Arc<Keyring>,
     pub store: Arc<dyn Store>,
     /// `None` only when auditing was switched off (benchmarks).
