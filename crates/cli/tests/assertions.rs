@@ -213,6 +213,16 @@ async fn a_certificate_assertion_for_another_endpoint_is_refused() {
         h.assert_with("/adfs/oauth2/v2.0/token", Some("login.localhost:1"), &app.client_id, &foreign).await;
     assert_eq!(status, 401, "the audience was taken from the Host header: {body}");
     assert!(description(&body).contains("audience"), "{body}");
+    // Nor does the OpenID configuration (whose token_endpoint MSAL signs for) echo the Host.
+    let r = h
+        .http
+        .get(format!("{}/adfs/.well-known/openid-configuration", h.login()))
+        .header(reqwest::header::HOST, "login.localhost:1")
+        .send()
+        .await
+        .unwrap();
+    let oidc: Value = r.json().await.unwrap();
+    assert_eq!(oidc["token_endpoint"], json!(format!("{}/adfs/oauth2/token", h.login())), "{oidc}");
     // Another tenant's path (and an assertion naming it) is not this server's endpoint.
     let other_tenant = app.assertion(|c| c["aud"] = json!(format!("{}/evil/oauth2/v2.0/token", h.login())));
     let (status, body) = h.assert_with("/evil/oauth2/v2.0/token", None, &app.client_id, &other_tenant).await;

@@ -69,15 +69,12 @@ fn json_ok(status: StatusCode, body: serde_json::Value) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json; charset=utf-8")], body.to_string()).into_response()
 }
 
-pub(super) async fn handle(
-    state: &Arc<AppState>,
-    host: &str,
-    req: Request,
-    note: &mut AuditNote,
-) -> Response {
+pub(super) async fn handle(state: &Arc<AppState>, req: Request, note: &mut AuditNote) -> Response {
     let path = req.uri().path().trim_end_matches('/').to_owned();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let base = format!("https://{host}");
+    // Every URL this service writes (and the audiences it accepts) comes from the configuration:
+    // the Host header is the caller's to choose.
+    let base = AppState::resource(&format!("login.{}", state.zone), state.public_port);
     note.operation = match (req.method(), segments.as_slice()) {
         (_, [.., ".well-known", "openid-configuration"]) => "OpenIdConfiguration",
         (_, [.., "keys"]) => "Jwks",
@@ -453,6 +450,7 @@ async fn verify_assertion(
 /// configuration (Entra v2 or AD FS form); other clients the v2 form of their tenant.
 fn token_endpoint_urls(state: &AppState) -> Vec<String> {
     let login = AppState::resource(&format!("login.{}", state.zone), state.public_port);
+    // The same base as the OpenID configuration's token_endpoint, which MSAL signs for.
     let mut urls = Vec::new();
     for tenant in [state.tokens.tenant(), "adfs"] {
         for path in ["oauth2/v2.0/token", "oauth2/token"] {

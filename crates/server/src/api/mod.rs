@@ -178,7 +178,7 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response 
             keyvault::handle(&state, vault, host.unwrap_or_default(), req, &mut note).await
         }
         Target::Root => admin::handle(&state, req, &mut note).await,
-        Target::Login => identity::handle(&state, &host.unwrap_or_default(), req, &mut note).await,
+        Target::Login => identity::handle(&state, req, &mut note).await,
         Target::Unknown => {
             note.operation = "UnknownHost";
             ApiError::not_found("NotFound", "No service is served at this host name.").into_response()
