@@ -175,7 +175,7 @@ async fn a_replayed_certificate_assertion_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_long_lived_or_not_yet_valid_certificate_assertion_is_refused() {
+async fn a_long_lived_certificate_assertion_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let h = Harness::start(dir.path());
     let app = CertApp::register(&h).await;
@@ -195,6 +195,13 @@ async fn a_long_lived_or_not_yet_valid_certificate_assertion_is_refused() {
         )
         .await;
     assert_eq!(status, 401, "an assertion valid for 3600 s was accepted: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_not_yet_valid_certificate_assertion_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path());
+    let app = CertApp::register(&h).await;
     // Not valid before five minutes from now.
     let (status, body) = h.assert(&app.client_id, &app.assertion(|c| c["nbf"] = json!(now() + 300))).await;
     assert_eq!(status, 401, "an assertion not valid yet was accepted: {body}");
@@ -236,67 +243,102 @@ fn uuid_like() -> String {
     format!("{:x}-{}-{}", now(), std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_federated_credential_is_tried_and_federated_tokens_are_bounded() {
-    let dir = tempfile::tempdir().unwrap();
-    let h = Harness::start(dir.path());
-    let (status, sp) = h
-        .admin(
-            &h.admin_token,
-            reqwest::Method::POST,
-            "principals",
-            Some(json!({"name": "ci-app", "type": "service-principal"})),
-        )
-        .await;
-    assert_eq!(status, 201, "{sp}");
-    let client_id = sp["clientId"].as_str().unwrap().to_owned();
-    const ISSUER: &str = "https://issuer.example";
-    const AUDIENCE: &str = "api://AzureADTokenExchange";
-    // One issuer, two trusted subjects (two pipelines of one repository), each its own credential.
-    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let point = pair.public_key_raw();
-    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-    let jwks = json!({"keys": [{"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": "k1",
-                                "x": b64(&point[1..33]), "y": b64(&point[33..])}]});
-    for subject in ["repo:main", "repo:release"] {
-        let (status, body) = h
+const FEDERATED_ISSUER: &str = "https://issuer.example";
+const FEDERATED_AUDIENCE: &str = "api://AzureADTokenExchange";
+
+/// A service principal trusting two subjects of one outside issuer (two pipelines of one
+/// repository, each its own federated credential), and that issuer's signing key.
+struct FedApp {
+    client_id: String,
+    key: EncodingKey,
+}
+
+impl FedApp {
+    async fn register(h: &Harness) -> FedApp {
+        let (status, sp) = h
             .admin(
                 &h.admin_token,
                 reqwest::Method::POST,
-                "federated-credentials",
-                Some(json!({"principal": "ci-app", "issuer": ISSUER, "subject": subject,
-                            "audience": AUDIENCE, "jwks": jwks})),
+                "principals",
+                Some(json!({"name": "ci-app", "type": "service-principal"})),
             )
             .await;
-        assert_eq!(status, 201, "{body}");
+        assert_eq!(status, 201, "{sp}");
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let point = pair.public_key_raw();
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let jwks = json!({"keys": [{"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": "k1",
+                                    "x": b64(&point[1..33]), "y": b64(&point[33..])}]});
+        for subject in ["repo:main", "repo:release"] {
+            let (status, body) = h
+                .admin(
+                    &h.admin_token,
+                    reqwest::Method::POST,
+                    "federated-credentials",
+                    Some(json!({"principal": "ci-app", "issuer": FEDERATED_ISSUER, "subject": subject,
+                                "audience": FEDERATED_AUDIENCE, "jwks": jwks})),
+                )
+                .await;
+            assert_eq!(status, 201, "{body}");
+        }
+        FedApp {
+            client_id: sp["clientId"].as_str().unwrap().to_owned(),
+            key: EncodingKey::from_ec_der(&pair.serialize_der()),
+        }
     }
-    let key = EncodingKey::from_ec_der(&pair.serialize_der());
-    let token = |subject: &str, edit: &dyn Fn(&mut Value)| {
+
+    /// A token as the issuer writes it (10 minutes), edited by `edit`.
+    fn token(&self, subject: &str, edit: impl FnOnce(&mut Value)) -> String {
         let t = now();
-        let mut c =
-            json!({"iss": ISSUER, "sub": subject, "aud": AUDIENCE, "iat": t, "nbf": t, "exp": t + 600});
+        let mut c = json!({"iss": FEDERATED_ISSUER, "sub": subject, "aud": FEDERATED_AUDIENCE,
+                           "iat": t, "nbf": t, "exp": t + 600});
         edit(&mut c);
-        sign(&key, Some("k1"), &c)
-    };
+        sign(&self.key, Some("k1"), &c)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_federated_credential_of_an_issuer_is_tried() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path());
+    let app = FedApp::register(&h).await;
     for subject in ["repo:main", "repo:release"] {
-        let (status, body) = h.assert(&client_id, &token(subject, &|_| {})).await;
+        let (status, body) = h.assert(&app.client_id, &app.token(subject, |_| {})).await;
         assert_eq!(status, 200, "the credential for {subject} was never tried: {body}");
     }
-    let (status, body) = h.assert(&client_id, &token("repo:fork", &|_| {})).await;
+    let (status, body) = h.assert(&app.client_id, &app.token("repo:fork", |_| {})).await;
     assert_eq!(status, 401, "an untrusted subject was accepted: {body}");
-
     // A federated token is re-read from its file until the issuer rotates it: reuse within its
     // life is accepted, as Entra does.
-    let reused = token("repo:main", &|_| {});
-    assert_eq!(h.assert(&client_id, &reused).await.0, 200);
-    assert_eq!(h.assert(&client_id, &reused).await.0, 200);
+    let reused = app.token("repo:main", |_| {});
+    assert_eq!(h.assert(&app.client_id, &reused).await.0, 200);
+    assert_eq!(h.assert(&app.client_id, &reused).await.0, 200);
+}
 
-    // Valid for a year, or not valid yet: refused.
-    let (status, body) =
-        h.assert(&client_id, &token("repo:main", &|c| c["exp"] = json!(now() + 365 * 86_400))).await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_lived_federated_token_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path());
+    let app = FedApp::register(&h).await;
+    let year = app.token("repo:main", |c| c["exp"] = json!(now() + 365 * 86_400));
+    let (status, body) = h.assert(&app.client_id, &year).await;
     assert_eq!(status, 401, "a year-long federated token was accepted: {body}");
-    let (status, body) = h.assert(&client_id, &token("repo:main", &|c| c["nbf"] = json!(now() + 300))).await;
+    assert!(description(&body).contains("expires more than 3600 seconds"), "{body}");
+    // One hour, as Kubernetes projects them, is fine.
+    let (status, body) =
+        h.assert(&app.client_id, &app.token("repo:main", |c| c["exp"] = json!(now() + 3600))).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_not_yet_valid_federated_token_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path());
+    let app = FedApp::register(&h).await;
+    let early = app.token("repo:main", |c| c["nbf"] = json!(now() + 300));
+    let (status, body) = h.assert(&app.client_id, &early).await;
     assert_eq!(status, 401, "a federated token not valid yet was accepted: {body}");
+    assert!(description(&body).contains("ImmatureSignature"), "{body}");
 }
 
 /// P-256's group order n, big-endian.
