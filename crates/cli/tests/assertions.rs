@@ -169,6 +169,15 @@ async fn a_replayed_certificate_assertion_is_refused() {
     let (status, body) = h.assert_with("/adfs/oauth2/token", None, &app.client_id, &adfs).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(h.assert_with("/adfs/oauth2/token", None, &app.client_id, &adfs).await.0, 401);
+    // As MSAL Python signs it: fractional exp and iat (time.time()), no nbf.
+    let python = app.assertion(|c| {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+        c["iat"] = json!(t);
+        c["exp"] = json!(t + 600.0);
+        c.as_object_mut().unwrap().remove("nbf");
+    });
+    let (status, body) = h.assert(&app.client_id, &python).await;
+    assert_eq!(status, 200, "{body}");
     // A fresh assertion is still fine.
     let (status, body) = h.assert(&app.client_id, &app.assertion(|_| {})).await;
     assert_eq!(status, 200, "{body}");

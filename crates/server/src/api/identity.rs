@@ -334,9 +334,26 @@ const FEDERATED_TOKEN_MAX_LIFETIME_SECS: u64 = 3600;
 /// `exp` and `nbf` against the clock; the lifetime bound is checked here.
 #[derive(Deserialize)]
 struct TimeClaims {
+    #[serde(deserialize_with = "numeric_date")]
     exp: u64,
+    #[serde(default, deserialize_with = "optional_numeric_date")]
     iat: Option<u64>,
     jti: Option<String>,
+}
+
+/// A NumericDate: MSAL Python writes `exp` and `iat` as fractional seconds (`time.time()`);
+/// jsonwebtoken's own `exp`/`nbf` checks truncate them the same way.
+fn numeric_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let n = serde_json::Number::deserialize(d)?;
+    n.as_u64()
+        .or_else(|| {
+            n.as_f64().filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64).map(|f| f as u64)
+        })
+        .ok_or_else(|| serde::de::Error::custom("a date is a non-negative number of seconds"))
+}
+
+fn optional_numeric_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    numeric_date(d).map(Some)
 }
 
 impl TimeClaims {
