@@ -47,6 +47,10 @@ pub struct ServerSettings {
     /// Lifetime of issued access tokens, in seconds (default 3600).
     #[arg(long, env = "COFFER_TOKEN_LIFETIME_SECS")]
     token_lifetime_secs: Option<u64>,
+    /// Longest accepted life of a federated token from an outside issuer, in seconds (default
+    /// 3600; at most 86400).
+    #[arg(long, env = "COFFER_FEDERATED_TOKEN_MAX_LIFETIME_SECS")]
+    federated_token_max_lifetime_secs: Option<u64>,
     /// Dev mode: loopback address of the built-in managed-identity endpoint (default: the
     /// listening port + 1).
     #[arg(long, env = "COFFER_AGENT_LISTEN")]
@@ -111,6 +115,7 @@ impl ServerSettings {
             root_key_file: self.root_key_file.clone(),
             root_key_passphrase_file: self.root_key_passphrase_file.clone(),
             token_lifetime_secs: self.token_lifetime_secs,
+            federated_token_max_lifetime_secs: self.federated_token_max_lifetime_secs,
             agent_listen: self.agent_listen.clone(),
             audit: self.audit,
             audit_dir: self.audit_dir.clone(),

@@ -29,6 +29,8 @@ pub struct FileConfig {
     pub root_key_file: Option<PathBuf>,
     pub root_key_passphrase_file: Option<PathBuf>,
     pub token_lifetime_secs: Option<u64>,
+    /// Longest life of a federated token from an outside issuer (default 3600, at most 86400).
+    pub federated_token_max_lifetime_secs: Option<u64>,
     pub agent_listen: Option<String>,
     /// `true` (default) or `false`: auditing off is for benchmarks only.
     pub audit: Option<bool>,
@@ -67,6 +69,9 @@ impl FileConfig {
             root_key_file: other.root_key_file.or(self.root_key_file),
             root_key_passphrase_file: other.root_key_passphrase_file.or(self.root_key_passphrase_file),
             token_lifetime_secs: other.token_lifetime_secs.or(self.token_lifetime_secs),
+            federated_token_max_lifetime_secs: other
+                .federated_token_max_lifetime_secs
+                .or(self.federated_token_max_lifetime_secs),
             agent_listen: other.agent_listen.or(self.agent_listen),
             audit: other.audit.or(self.audit),
             audit_dir: other.audit_dir.or(self.audit_dir),
@@ -118,6 +123,8 @@ pub struct ServerConfig {
     pub tls: TlsSource,
     pub root_key: RootKeySource,
     pub token_lifetime_secs: u64,
+    /// Federated tokens living longer (`exp` − `iat`, `exp` − now) are refused.
+    pub federated_token_max_lifetime_secs: u64,
     /// Dev mode's in-process managed-identity endpoint (plain HTTP, loopback only).
     pub agent_listen: Option<SocketAddr>,
     pub audit: AuditSettings,
@@ -231,6 +238,14 @@ impl ServerConfig {
         if !(60..=86_400).contains(&token_lifetime_secs) {
             return Err(ConfigError::Invalid("token_lifetime_secs must be between 60 and 86400".into()));
         }
+        // One hour: what Kubernetes projects for workload identity by default. Longer-lived
+        // issuers (GitLab: the job timeout plus 5 minutes; AKS up to a day) need it raised.
+        let federated_token_max_lifetime_secs = file.federated_token_max_lifetime_secs.unwrap_or(3600);
+        if !(60..=86_400).contains(&federated_token_max_lifetime_secs) {
+            return Err(ConfigError::Invalid(
+                "federated_token_max_lifetime_secs must be between 60 and 86400".into(),
+            ));
+        }
         match mode {
             Mode::Dev => {
                 let data_dir = file.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DEV_DATA_DIR));
@@ -256,6 +271,7 @@ impl ServerConfig {
                     tls,
                     root_key,
                     token_lifetime_secs,
+                    federated_token_max_lifetime_secs,
                     agent_listen,
                     audit,
                     outbound,
@@ -318,6 +334,7 @@ impl ServerConfig {
                     tls: TlsSource::Files { cert, key },
                     root_key,
                     token_lifetime_secs,
+                    federated_token_max_lifetime_secs,
                     agent_listen: None,
                     audit,
                     outbound,
@@ -382,6 +399,20 @@ mod tests {
         let bad = FileConfig { zone: Some("bad zone".into()), ..Default::default() };
         assert!(ServerConfig::resolve(Mode::Dev, bad, no_prompt).is_err());
         assert_eq!((c.audit.max_file_mib, c.audit.journal_mib), (4, 8));
+    }
+
+    #[test]
+    fn federated_token_lifetime_bound_defaults_to_an_hour() {
+        let c = ServerConfig::resolve(Mode::Dev, FileConfig::default(), no_prompt).unwrap();
+        assert_eq!(c.federated_token_max_lifetime_secs, 3600);
+        let day = FileConfig { federated_token_max_lifetime_secs: Some(86_400), ..Default::default() };
+        assert_eq!(
+            ServerConfig::resolve(Mode::Dev, day, no_prompt).unwrap().federated_token_max_lifetime_secs,
+            86_400
+        );
+        let year = FileConfig { federated_token_max_lifetime_secs: Some(365 * 86_400), ..Default::default() };
+        let err = ServerConfig::resolve(Mode::Dev, year, no_prompt).unwrap_err();
+        assert!(err.to_string().contains("federated_token_max_lifetime_secs"), "{err}");
     }
 
     #[test]

@@ -252,6 +252,7 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> a
         federation_keys: Default::default(),
         assertion_ids: Default::default(),
         outbound: config.outbound.clone(),
+        federated_token_max_lifetime_secs: config.federated_token_max_lifetime_secs,
         keyring,
         store,
         audit,

@@ -326,10 +326,6 @@ const ASSERTION_LEEWAY_SECS: u64 = 60;
 /// Longest life of a certificate assertion: MSAL signs them for 10 minutes.
 const CERTIFICATE_ASSERTION_MAX_LIFETIME_SECS: u64 = 600;
 
-/// Longest life of a federated token: Kubernetes projects workload identity tokens for one hour
-/// (the Azure workload identity webhook's default), GitHub's live minutes.
-const FEDERATED_TOKEN_MAX_LIFETIME_SECS: u64 = 3600;
-
 /// The time claims of a verified assertion. The signature check (jsonwebtoken) has validated
 /// `exp` and `nbf` against the clock; the lifetime bound is checked here.
 #[derive(Deserialize)]
@@ -450,7 +446,7 @@ async fn verify_assertion(
             Ok(data) => {
                 return data
                     .claims
-                    .check_lifetime(FEDERATED_TOKEN_MAX_LIFETIME_SECS, unix_now())
+                    .check_lifetime(state.federated_token_max_lifetime_secs, unix_now())
                     .map_err(|e| bad(&e))
             }
             Err(e) => {
