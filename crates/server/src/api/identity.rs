@@ -690,3 +690,34 @@ async fn agent_token(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(text: &str) -> TimeClaims {
+        serde_json::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn assertion_lifetimes_are_bounded_from_now_and_from_iat() {
+        let now = 1_000_000;
+        let ok = claims(r#"{"exp": 1000600, "iat": 1000000}"#);
+        assert_eq!(ok.check_lifetime(600, now), Ok(()));
+        // Leeway for a signer whose clock runs a little ahead.
+        assert_eq!(claims(r#"{"exp": 1000650, "iat": 1000050}"#).check_lifetime(600, now), Ok(()));
+        assert!(claims(r#"{"exp": 1000700}"#).check_lifetime(600, now).is_err(), "exp - now");
+        assert!(claims(r#"{"exp": 1000100, "iat": 999000}"#).check_lifetime(600, now).is_err(), "exp - iat");
+        assert!(claims(r#"{"exp": 1000600, "iat": 1000100}"#).check_lifetime(600, now).is_err(), "iat ahead");
+        assert_eq!(claims(r#"{"exp": 1003600, "iat": 1000000}"#).check_lifetime(3600, now), Ok(()));
+    }
+
+    #[test]
+    fn dates_may_be_fractional_but_not_negative_or_text() {
+        let c = claims(r#"{"exp": 1796537313.8487697, "iat": 1796536713.5}"#);
+        assert_eq!((c.exp, c.iat), (1_796_537_313, Some(1_796_536_713)));
+        assert!(serde_json::from_str::<TimeClaims>(r#"{"exp": -5}"#).is_err());
+        assert!(serde_json::from_str::<TimeClaims>(r#"{"exp": "1796537313"}"#).is_err());
+        assert!(serde_json::from_str::<TimeClaims>(r#"{"iat": 1}"#).is_err(), "exp is required");
+    }
+}
