@@ -47,6 +47,10 @@ pub struct ServerSettings {
     /// Lifetime of issued access tokens, in seconds (default 3600).
     #[arg(long, env = "COFFER_TOKEN_LIFETIME_SECS")]
     token_lifetime_secs: Option<u64>,
+    /// Longest accepted life of a federated token from an outside issuer, in seconds (default
+    /// 3600; at most 86400).
+    #[arg(long, env = "COFFER_FEDERATED_TOKEN_MAX_LIFETIME_SECS")]
+    federated_token_max_lifetime_secs: Option<u64>,
     /// Dev mode: loopback address of the built-in managed-identity endpoint (default: the
     /// listening port + 1).
     #[arg(long, env = "COFFER_AGENT_LISTEN")]
@@ -92,6 +96,11 @@ pub struct ServerSettings {
     /// How many failing requests a client address may make at once (default 200).
     #[arg(long, env = "COFFER_FAILED_REQUESTS_BURST")]
     failed_requests_burst: Option<u32>,
+    /// Internal addresses webhooks and federation JWKS URLs may reach (comma-separated ranges,
+    /// addresses or host names, e.g. 127.0.0.1,10.0.0.0/8,hooks.internal); by default loopback,
+    /// private and link-local addresses are refused.
+    #[arg(long, env = "COFFER_OUTBOUND_ALLOW", value_delimiter = ',')]
+    outbound_allow: Vec<String>,
 }
 
 fn parse_on_off(text: &str) -> Result<bool, String> {
@@ -128,6 +137,7 @@ impl ServerSettings {
             root_key_file: self.root_key_file.clone(),
             root_key_passphrase_file: self.root_key_passphrase_file.clone(),
             token_lifetime_secs: self.token_lifetime_secs,
+            federated_token_max_lifetime_secs: self.federated_token_max_lifetime_secs,
             agent_listen: self.agent_listen.clone(),
             audit: self.audit,
             audit_dir: self.audit_dir.clone(),
@@ -142,6 +152,7 @@ impl ServerSettings {
             max_connections_per_address: self.max_connections_per_address,
             failed_requests_per_sec: self.failed_requests_per_sec,
             failed_requests_burst: self.failed_requests_burst,
+            outbound_allow: (!self.outbound_allow.is_empty()).then(|| self.outbound_allow.clone()),
         };
         Ok(ServerConfig::resolve(mode, file.overlay(flags), prompt_passphrase)?)
     }

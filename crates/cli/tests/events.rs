@@ -17,6 +17,9 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// The test's receivers listen on loopback, which the server refuses to reach unless told.
+const RECEIVER_ALLOWED: &[&str] = &["--outbound-allow", "127.0.0.1"];
+
 /// One request as the receiver saw it.
 #[derive(Clone, Debug)]
 struct Delivery {
@@ -189,7 +192,7 @@ fn assert_signed(d: &Delivery, secret: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_get_signed_cloud_events_filtered_by_type_and_secret() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir.path().join("data"), free_port(), &[]);
+    let server = TestServer::start(&dir.path().join("data"), free_port(), RECEIVER_ALLOWED);
     let receiver = Receiver::start().await;
     let (all_id, all_secret) = subscribe(&server, &["--url", &receiver.url("/all")]);
     let (_, db_secret) = subscribe(
@@ -278,7 +281,7 @@ async fn events_wait_out_a_down_receiver_and_a_server_crash() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let port = free_port();
-    let server = TestServer::start(&data, port, &[]);
+    let server = TestServer::start(&data, port, RECEIVER_ALLOWED);
     let mut receiver = Receiver::down();
     let (_, secret) =
         subscribe(&server, &["--url", &receiver.url("/hook"), "--type", "SecretNewVersionCreated"]);
@@ -304,7 +307,7 @@ async fn events_wait_out_a_down_receiver_and_a_server_crash() {
 
     // Crash with events pending; the retry state and the outbox survive.
     server.kill9();
-    let server = TestServer::start(&data, port, &[]);
+    let server = TestServer::start(&data, port, RECEIVER_ALLOWED);
     let state = json_cli(&server, &["event", "list"])[0].clone();
     assert_eq!(state["pending"], 3, "{state}");
     expected.insert(set(&server, "gamma", "g1", &[]));
@@ -349,7 +352,7 @@ async fn events_wait_out_a_down_receiver_and_a_server_crash() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn near_expiry_and_expired_fire_once_per_version() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir.path().join("data"), free_port(), &[]);
+    let server = TestServer::start(&dir.path().join("data"), free_port(), RECEIVER_ALLOWED);
     let receiver = Receiver::start().await;
     // A one-hour near-expiry window for this subscription (the default is 30 days).
     let (_, secret) = subscribe(
@@ -395,7 +398,7 @@ async fn near_expiry_and_expired_fire_once_per_version() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manual_rotation_makes_a_generated_version_of_the_requested_shape() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir.path().join("data"), free_port(), &[]);
+    let server = TestServer::start(&dir.path().join("data"), free_port(), RECEIVER_ALLOWED);
     set(&server, "api-key", "initial-value", &["--content-type", "text/plain", "--tag", "team=payments"]);
 
     let policy = json_cli(
@@ -464,7 +467,7 @@ async fn scheduled_rotation_runs_once_per_due_time_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let port = free_port();
-    let server = TestServer::start(&data, port, &[]);
+    let server = TestServer::start(&data, port, RECEIVER_ALLOWED);
     // Due one second before an expiry three seconds away; the new version lives an hour.
     set(&server, "db-pass", "old", &["--expires", &(now() + 3).to_string()]);
     let policy = json_cli(
@@ -498,7 +501,7 @@ async fn scheduled_rotation_runs_once_per_due_time_across_restarts() {
     assert!(next_due > now() + 3_000, "the due time was advanced with the rotation");
 
     server.kill9();
-    let server = TestServer::start(&data, port, &[]);
+    let server = TestServer::start(&data, port, RECEIVER_ALLOWED);
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     assert_eq!(versions(&server, "db-pass").len(), 2, "the served due time does not run again");
 
@@ -516,4 +519,54 @@ async fn scheduled_rotation_runs_once_per_due_time_across_restarts() {
 
 fn uuid_like(v: &str) -> bool {
     v.len() == 36 && v.split('-').map(str::len).collect::<Vec<_>>() == [8, 4, 4, 4, 12]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_to_internal_addresses_are_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = free_port();
+    let receiver = Receiver::start().await;
+    // No allow-list: loopback, private, link-local (the cloud metadata endpoint) and their
+    // IPv6 spellings are not webhook receivers.
+    let server = TestServer::start(&data, port, &[]);
+    let p = receiver.port;
+    for url in [
+        receiver.url("/hook"),
+        format!("http://localhost:{p}/hook"),
+        format!("http://[::1]:{p}/hook"),
+        format!("http://[::ffff:127.0.0.1]:{p}/hook"),
+        "http://169.254.169.254/latest/meta-data".to_owned(),
+        "http://10.0.0.1/hook".to_owned(),
+        "http://192.168.1.1/hook".to_owned(),
+        "http://100.64.0.1/hook".to_owned(),
+        "http://[fd00::1]/hook".to_owned(),
+    ] {
+        let (ok, _, err) = cli(&server, &["event", "subscribe", "--vault", "dev", "--url", &url]);
+        assert!(!ok, "a webhook to {url} was accepted");
+        assert!(err.contains("outbound_allow"), "{url}: {err}");
+    }
+    assert_eq!(json_cli(&server, &["event", "list"]).as_array().unwrap().len(), 0);
+    drop(server);
+
+    // Allowed, subscribed and delivered...
+    let server = TestServer::start(&data, port, RECEIVER_ALLOWED);
+    let _ = subscribe(&server, &["--url", &receiver.url("/hook"), "--type", "SecretNewVersionCreated"]);
+    set(&server, "first", "1", &[]);
+    assert_eq!(receiver.wait_for("/hook", 1, Duration::from_secs(10)).await.len(), 1);
+    drop(server);
+    // ...until the allow-list no longer names the receiver: checked again at every delivery.
+    let server = TestServer::start(&data, port, &[]);
+    set(&server, "second", "2", &[]);
+    let start = Instant::now();
+    let state = loop {
+        let s = json_cli(&server, &["event", "list"])[0].clone();
+        if s["failedAttempts"].as_i64().unwrap_or(0) >= 1 || start.elapsed() > Duration::from_secs(10) {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(state["lastError"].as_str().unwrap_or_default().contains("outbound_allow"), "{state}");
+    assert_eq!(state["pending"], 1, "{state}");
+    assert_eq!(receiver.deliveries("/hook").len(), 1, "nothing more reached the receiver");
 }

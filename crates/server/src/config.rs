@@ -30,6 +30,8 @@ pub struct FileConfig {
     pub root_key_file: Option<PathBuf>,
     pub root_key_passphrase_file: Option<PathBuf>,
     pub token_lifetime_secs: Option<u64>,
+    /// Longest life of a federated token from an outside issuer (default 3600, at most 86400).
+    pub federated_token_max_lifetime_secs: Option<u64>,
     pub agent_listen: Option<String>,
     /// `true` (default) or `false`: auditing off is for benchmarks only.
     pub audit: Option<bool>,
@@ -57,6 +59,9 @@ pub struct FileConfig {
     pub failed_requests_per_sec: Option<u32>,
     /// How many such requests a client address may make at once (default 200).
     pub failed_requests_burst: Option<u32>,
+    /// Internal addresses (ranges like `10.0.0.0/8`, addresses, host names) that webhooks and
+    /// federation JWKS URLs may reach; by default loopback, private and link-local are refused.
+    pub outbound_allow: Option<Vec<String>>,
 }
 
 impl FileConfig {
@@ -81,6 +86,9 @@ impl FileConfig {
             root_key_file: other.root_key_file.or(self.root_key_file),
             root_key_passphrase_file: other.root_key_passphrase_file.or(self.root_key_passphrase_file),
             token_lifetime_secs: other.token_lifetime_secs.or(self.token_lifetime_secs),
+            federated_token_max_lifetime_secs: other
+                .federated_token_max_lifetime_secs
+                .or(self.federated_token_max_lifetime_secs),
             agent_listen: other.agent_listen.or(self.agent_listen),
             audit: other.audit.or(self.audit),
             audit_dir: other.audit_dir.or(self.audit_dir),
@@ -97,6 +105,7 @@ impl FileConfig {
                 .or(self.max_connections_per_address),
             failed_requests_per_sec: other.failed_requests_per_sec.or(self.failed_requests_per_sec),
             failed_requests_burst: other.failed_requests_burst.or(self.failed_requests_burst),
+            outbound_allow: other.outbound_allow.or(self.outbound_allow),
         }
     }
 }
@@ -140,9 +149,13 @@ pub struct ServerConfig {
     pub tls: TlsSource,
     pub root_key: RootKeySource,
     pub token_lifetime_secs: u64,
+    /// Federated tokens living longer (`exp` − `iat`, `exp` − now) are refused.
+    pub federated_token_max_lifetime_secs: u64,
     /// Dev mode's in-process managed-identity endpoint (plain HTTP, loopback only).
     pub agent_listen: Option<SocketAddr>,
     pub audit: AuditSettings,
+    /// What webhooks and JWKS fetches may connect to.
+    pub outbound: std::sync::Arc<crate::outbound::OutboundPolicy>,
     pub connections: ConnectionSettings,
 }
 
@@ -261,6 +274,10 @@ impl ServerConfig {
     ) -> Result<Self, ConfigError> {
         let audit = AuditSettings::from_file(&file)?;
         let connections = ConnectionSettings::from_file(&file)?;
+        let outbound = std::sync::Arc::new(
+            crate::outbound::OutboundPolicy::parse(file.outbound_allow.as_deref().unwrap_or_default())
+                .map_err(ConfigError::Invalid)?,
+        );
         let listen_text = file.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
         let listen: SocketAddr = listen_text
             .parse()
@@ -295,6 +312,14 @@ impl ServerConfig {
         if !(60..=86_400).contains(&token_lifetime_secs) {
             return Err(ConfigError::Invalid("token_lifetime_secs must be between 60 and 86400".into()));
         }
+        // One hour: what Kubernetes projects for workload identity by default. Longer-lived
+        // issuers (GitLab: the job timeout plus 5 minutes; AKS up to a day) need it raised.
+        let federated_token_max_lifetime_secs = file.federated_token_max_lifetime_secs.unwrap_or(3600);
+        if !(60..=86_400).contains(&federated_token_max_lifetime_secs) {
+            return Err(ConfigError::Invalid(
+                "federated_token_max_lifetime_secs must be between 60 and 86400".into(),
+            ));
+        }
         match mode {
             Mode::Dev => {
                 let data_dir = file.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DEV_DATA_DIR));
@@ -320,9 +345,11 @@ impl ServerConfig {
                     tls,
                     root_key,
                     token_lifetime_secs,
+                    federated_token_max_lifetime_secs,
                     agent_listen,
                     audit,
                     connections,
+                    outbound,
                 })
             }
             Mode::Production => {
@@ -382,9 +409,11 @@ impl ServerConfig {
                     tls: TlsSource::Files { cert, key },
                     root_key,
                     token_lifetime_secs,
+                    federated_token_max_lifetime_secs,
                     agent_listen: None,
                     audit,
                     connections,
+                    outbound,
                 })
             }
         }
@@ -446,6 +475,38 @@ mod tests {
         let bad = FileConfig { zone: Some("bad zone".into()), ..Default::default() };
         assert!(ServerConfig::resolve(Mode::Dev, bad, no_prompt).is_err());
         assert_eq!((c.audit.max_file_mib, c.audit.journal_mib), (4, 8));
+    }
+
+    #[test]
+    fn federated_token_lifetime_bound_defaults_to_an_hour() {
+        let c = ServerConfig::resolve(Mode::Dev, FileConfig::default(), no_prompt).unwrap();
+        assert_eq!(c.federated_token_max_lifetime_secs, 3600);
+        let day = FileConfig { federated_token_max_lifetime_secs: Some(86_400), ..Default::default() };
+        assert_eq!(
+            ServerConfig::resolve(Mode::Dev, day, no_prompt).unwrap().federated_token_max_lifetime_secs,
+            86_400
+        );
+        let year = FileConfig { federated_token_max_lifetime_secs: Some(365 * 86_400), ..Default::default() };
+        let err = ServerConfig::resolve(Mode::Dev, year, no_prompt).unwrap_err();
+        assert!(err.to_string().contains("federated_token_max_lifetime_secs"), "{err}");
+    }
+
+    #[test]
+    fn outbound_allow_parses_ranges_addresses_and_hosts() {
+        let file: FileConfig =
+            toml::from_str("outbound_allow = [\"127.0.0.0/8\", \"10.1.2.3\", \"hooks.internal\"]\n").unwrap();
+        let c = ServerConfig::resolve(Mode::Dev, file, no_prompt).unwrap();
+        assert!(c.outbound.ip_allowed("127.0.0.5".parse().unwrap()));
+        assert!(c.outbound.ip_allowed("10.1.2.3".parse().unwrap()));
+        assert!(!c.outbound.ip_allowed("10.1.2.4".parse().unwrap()));
+        let default = ServerConfig::resolve(Mode::Dev, FileConfig::default(), no_prompt).unwrap();
+        assert!(
+            !default.outbound.ip_allowed("127.0.0.1".parse().unwrap()),
+            "dev mode allows nothing by default"
+        );
+        let bad = FileConfig { outbound_allow: Some(vec!["10.0.0.0/99".into()]), ..Default::default() };
+        let err = ServerConfig::resolve(Mode::Dev, bad, no_prompt).unwrap_err();
+        assert!(err.to_string().contains("outbound_allow"), "{err}");
     }
 
     #[test]

@@ -33,6 +33,7 @@ use zeroize::Zeroizing;
 
 use crate::api::AppState;
 use crate::keyring::Keyring;
+use crate::outbound::OutboundPolicy;
 use crate::tokens::unix_now;
 
 /// Default `SecretNearExpiry` window: 30 days before `exp`, like Event Grid.
@@ -145,9 +146,10 @@ pub async fn subscribe(
 /// simply sent again (at least once).
 pub fn spawn_dispatcher(state: Arc<AppState>, data_dir: &Path, mut shutdown: watch::Receiver<bool>) {
     let data_dir = data_dir.to_path_buf();
+    let outbound = state.outbound.clone();
     tokio::spawn(async move {
         // Loading the system trust roots takes milliseconds: not on the way to serving requests.
-        let http = match tokio::task::spawn_blocking(move || http_client(&data_dir)).await {
+        let http = match tokio::task::spawn_blocking(move || http_client(&data_dir, &outbound)).await {
             Ok(Ok(http)) => http,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "event delivery is off: cannot build the HTTP client");
@@ -207,13 +209,13 @@ impl Workers {
     }
 }
 
-/// The webhook client: system roots (and `SSL_CERT_FILE`) plus the dev CA when there is one.
-fn http_client(data_dir: &Path) -> Result<reqwest::Client, String> {
-    let mut builder = reqwest::Client::builder()
-        .use_rustls_tls()
+/// The webhook client: system roots (and `SSL_CERT_FILE`) plus the dev CA when there is one;
+/// connects only where the outbound policy allows, follows no redirects.
+fn http_client(data_dir: &Path, outbound: &Arc<OutboundPolicy>) -> Result<reqwest::Client, String> {
+    let mut builder = outbound
+        .client_builder()
         .timeout(REQUEST_TIMEOUT)
         .connect_timeout(Duration::from_secs(5))
-        .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("coffer-events/", env!("CARGO_PKG_VERSION")));
     let dev_ca = data_dir.join("ca.pem");
     if let Ok(pem) = std::fs::read(&dev_ca) {
@@ -270,6 +272,12 @@ async fn deliver(state: &AppState, http: &reqwest::Client, sub: &Subscription, f
             .ok_or("the subscription's signing secret is missing")?;
         let secret = state.keyring.unwrap_material(&key_name, &blob).map_err(|e| e.to_string())?;
         let events = store.pending_events(&sub.id, BATCH).await.map_err(|e| e.to_string())?;
+        // An IP literal does not go through the filtering resolver; the allow-list may also have
+        // changed since the subscription was made.
+        if !events.is_empty() {
+            let url = reqwest::Url::parse(&sub.url).map_err(|e| e.to_string())?;
+            state.outbound.check_url(&url)?;
+        }
         for event in &events {
             let vault_url = AppState::vault_url(&state.zone, state.public_port, &event.vault_name);
             let body = cloud_event(event, &vault_url).to_string();
@@ -307,7 +315,7 @@ async fn deliver(state: &AppState, http: &reqwest::Client, sub: &Subscription, f
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

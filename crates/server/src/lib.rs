@@ -13,6 +13,8 @@ pub mod directory;
 pub mod events;
 pub mod files;
 pub mod keyring;
+pub mod outbound;
+pub mod replay;
 pub mod rotation;
 pub mod serve;
 pub mod throttle;
@@ -280,6 +282,9 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> a
         vaults,
         directory,
         federation_keys: Default::default(),
+        assertion_ids: Default::default(),
+        outbound: config.outbound.clone(),
+        federated_token_max_lifetime_secs: config.federated_token_max_lifetime_secs,
         keyring,
         store,
         audit,

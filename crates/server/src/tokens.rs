@@ -244,8 +244,17 @@ impl TokenAuthority {
         let keys = self.keys();
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(keys.active_kid.clone());
-        // Invariant: ES256 signing with a key we generated cannot fail.
-        let token = jsonwebtoken::encode(&header, &claims, &keys.signing_key).expect("ES256 signing");
+        // Only low-S signatures verify (see `has_low_s`), and ring signs with a random nonce, so S
+        // is high half the time: sign again until it is low (two signings on average; 64 high
+        // ones in a row have a chance of 2^-64).
+        let mut token = String::new();
+        for _ in 0..64 {
+            // Invariant: ES256 signing with a key we generated cannot fail.
+            token = jsonwebtoken::encode(&header, &claims, &keys.signing_key).expect("ES256 signing");
+            if has_low_s(&token) {
+                break;
+            }
+        }
         (token, claims)
     }
 
@@ -276,6 +285,11 @@ impl TokenAuthority {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
         if header.alg != Algorithm::ES256 {
             return Err(TokenError::Algorithm);
+        }
+        // ECDSA signatures are malleable: (r, n − s) verifies wherever (r, s) does, so without
+        // this one token would have a second spelling (its own cache entry and audit hash).
+        if !has_low_s(token) {
+            return Err(TokenError::Signature);
         }
         let kid = header.kid.ok_or(TokenError::UnknownKey)?;
         let keys = self.keys();
@@ -330,6 +344,25 @@ impl TokenAuthority {
     }
 }
 
+/// Half the order of P-256, (n − 1) / 2, big-endian: the largest S of a low-S signature.
+const P256_HALF_ORDER: [u8; 32] = [
+    0x7f, 0xff, 0xff, 0xff, 0x80, 0x00, 0x00, 0x00, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xde,
+    0x73, 0x7d, 0x56, 0xd3, 0x8b, 0xcf, 0x42, 0x79, 0xdc, 0xe5, 0x61, 0x7e, 0x31, 0x92, 0xa8,
+];
+
+/// Whether the ES256 signature of `token` (JWS: r || s, 32 bytes each) has S ≤ n/2. Only the
+/// signature's encoding is examined; verification proper is jsonwebtoken's (ring's).
+fn has_low_s(token: &str) -> bool {
+    let Some((_, signature)) = token.rsplit_once('.') else { return false };
+    let mut sig = [0u8; 64];
+    match base64::Engine::decode_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD, signature, &mut sig)
+    {
+        // Big-endian byte strings of equal length compare as the numbers they spell.
+        Ok(64) => sig[32..] <= P256_HALF_ORDER[..],
+        _ => false,
+    }
+}
+
 pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -380,7 +413,40 @@ mod tests {
         edit(&mut claims);
         let mut header = Header::new(alg);
         header.kid = kid.map(str::to_owned);
-        jsonwebtoken::encode(&header, &claims, key).unwrap()
+        // Low-S like the authority's own, so that each case fails for the reason it tests.
+        loop {
+            let token = jsonwebtoken::encode(&header, &claims, key).unwrap();
+            if alg != Algorithm::ES256 || has_low_s(&token) {
+                return token;
+            }
+        }
+    }
+
+    fn with_s(token: &str, s: [u8; 32]) -> String {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let (signed, signature) = token.rsplit_once('.').unwrap();
+        let mut sig = base64::Engine::decode(&b64, signature).unwrap();
+        sig[32..].copy_from_slice(&s);
+        format!("{signed}.{}", base64::Engine::encode(&b64, sig))
+    }
+
+    #[tokio::test]
+    async fn only_low_s_signatures_are_minted_and_accepted() {
+        let (_d, ta) = authority().await;
+        for _ in 0..32 {
+            let (token, _) = ta.issue("oid", 600);
+            assert!(has_low_s(&token), "a high-S token was minted");
+            assert!(ta.verify(&token).is_ok());
+        }
+        let (token, _) = ta.issue("oid", 600);
+        let mut above_half = P256_HALF_ORDER;
+        above_half[31] += 1;
+        assert!(has_low_s(&with_s(&token, P256_HALF_ORDER)));
+        assert!(!has_low_s(&with_s(&token, above_half)));
+        assert!(!has_low_s(&with_s(&token, [0xff; 32])));
+        assert_eq!(ta.verify(&with_s(&token, above_half)).map(|_| ()), Err(TokenError::Signature));
+        assert!(!has_low_s("no-signature"));
+        assert!(!has_low_s("a.b.c2lnbmF0dXJlIHRvbyBzaG9ydA"));
     }
 
     #[tokio::test]

@@ -46,6 +46,18 @@ impl TestServer {
         Self::try_start_with(data_dir, port, extra_args, |_| ())
     }
 
+    /// Starts the server with extra environment variables (e.g. `SSL_CERT_FILE`).
+    pub fn try_start_with_env(
+        data_dir: &Path,
+        port: u16,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<TestServer, String> {
+        Self::try_start_with(data_dir, port, extra_args, |command| {
+            command.envs(env.iter().copied());
+        })
+    }
+
     /// [`TestServer::try_start`], with `prepare` applied to the command before it runs.
     pub fn try_start_with(
         data_dir: &Path,

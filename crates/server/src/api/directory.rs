@@ -552,6 +552,15 @@ async fn create_federated(state: &AppState, caller: &Principal, body: Body) -> R
             "The issuer must be an https:// URL, as in its tokens' iss claim.",
         ));
     }
+    if let (None, Some(url)) = (&jwks, &req.jwks_url) {
+        let parsed = reqwest::Url::parse(url)
+            .map_err(|e| ApiError::bad_parameter(format!("The JWKS URL is not valid: {e}.")))?;
+        state
+            .outbound
+            .check_url_now(&parsed)
+            .await
+            .map_err(|e| ApiError::bad_parameter(format!("The JWKS URL is refused: {e}.")))?;
+    }
     let credential = FederatedCredential {
         id: uuid::Uuid::new_v4().to_string(),
         principal_id: principal.object_id.clone(),

@@ -277,6 +277,11 @@ async fn create_subscription(state: &AppState, caller: &Principal, body: Body) -
             "The webhook URL must not hold credentials; receivers verify the signature instead.",
         ));
     }
+    state
+        .outbound
+        .check_url_now(&url)
+        .await
+        .map_err(|e| ApiError::bad_parameter(format!("The webhook URL is refused: {e}.")))?;
     let types = req
         .types
         .iter()

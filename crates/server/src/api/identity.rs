@@ -23,6 +23,7 @@ use zeroize::Zeroizing;
 use super::{read_body, AppState, AuditNote};
 use crate::argon::ArgonError;
 use crate::directory::CheckError;
+use crate::outbound::OutboundPolicy;
 use crate::tokens::unix_now;
 
 /// An OAuth error, in Entra's shape.
@@ -173,10 +174,9 @@ async fn route_request(
         ),
         (Method::POST, ["coffer", "agents", "join"]) => agent_join(state, req, note).await?,
         (Method::POST, ["coffer", "agents", "token"]) => agent_token(state, req, note).await?,
-        (
-            Method::POST,
-            [_, "oauth2", "v2.0", "token"] | ["adfs", "oauth2", "token"] | [_, "oauth2", "token"],
-        ) => token_endpoint(state, base, req, note).await?,
+        (Method::POST, [tenant, "oauth2", "v2.0", "token"] | [tenant, "oauth2", "token"]) => {
+            token_endpoint(state, tenant, req, note).await?
+        }
         _ => {
             return Err(OAuthError::new(
                 StatusCode::NOT_FOUND,
@@ -222,11 +222,19 @@ fn field<'a>(form: &'a [(String, Zeroizing<String>)], key: &str) -> Option<&'a s
 
 async fn token_endpoint(
     state: &Arc<AppState>,
-    base: &str,
+    tenant: &str,
     req: Request,
     note: &mut AuditNote,
 ) -> Result<Response, OAuthError> {
-    let path = req.uri().path().to_owned();
+    // This server is one tenant; `adfs` is the alias the SDKs use to skip instance discovery.
+    if tenant != state.tokens.tenant() && tenant != "adfs" {
+        return Err(OAuthError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_tenant",
+            90002,
+            format!("Tenant '{tenant}' not found; this server's tenant is '{}'.", state.tokens.tenant()),
+        ));
+    }
     let form = form(req).await?;
     // Traceable to the credential without recording it.
     let credential =
@@ -255,7 +263,7 @@ async fn token_endpoint(
         ));
     }
     let principal = match field(&form, "grant_type") {
-        Some("client_credentials") => client_credentials(state, base, &path, &form).await?,
+        Some("client_credentials") => client_credentials(state, &form).await?,
         Some("password") => password_grant(state, &form).await?,
         Some(other) => {
             return Err(OAuthError::new(
@@ -283,8 +291,6 @@ fn usable(principal: Option<&Principal>, kinds: &[PrincipalKind]) -> Option<Prin
 
 async fn client_credentials(
     state: &Arc<AppState>,
-    base: &str,
-    path: &str,
     form: &[(String, Zeroizing<String>)],
 ) -> Result<Principal, OAuthError> {
     let client_id =
@@ -315,8 +321,7 @@ async fn client_credentials(
         {
             return Err(OAuthError::invalid_request("client_assertion_type must be jwt-bearer."));
         }
-        let token_url = format!("{base}{path}");
-        return verify_assertion(state, &principal, assertion, &token_url).await.map(|_| principal);
+        return verify_assertion(state, &principal, assertion).await.map(|_| principal);
     }
     Err(OAuthError::new(
         StatusCode::BAD_REQUEST,
@@ -384,12 +389,78 @@ struct UnverifiedClaims {
     iss: Option<String>,
 }
 
-/// A federated assertion: a JWT from an outside issuer trusted for this principal.
+/// Leeway for clock differences on `exp`, `nbf` and `iat`.
+const ASSERTION_LEEWAY_SECS: u64 = 60;
+
+/// Longest life of a certificate assertion: MSAL signs them for 10 minutes.
+const CERTIFICATE_ASSERTION_MAX_LIFETIME_SECS: u64 = 600;
+
+/// The time claims of a verified assertion. The signature check (jsonwebtoken) has validated
+/// `exp` and `nbf` against the clock; the lifetime bound is checked here.
+#[derive(Deserialize)]
+struct TimeClaims {
+    #[serde(deserialize_with = "numeric_date")]
+    exp: u64,
+    #[serde(default, deserialize_with = "optional_numeric_date")]
+    iat: Option<u64>,
+    jti: Option<String>,
+}
+
+/// A NumericDate: MSAL Python writes `exp` and `iat` as fractional seconds (`time.time()`);
+/// jsonwebtoken's own `exp`/`nbf` checks truncate them the same way.
+fn numeric_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let n = serde_json::Number::deserialize(d)?;
+    n.as_u64()
+        .or_else(|| {
+            n.as_f64().filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64).map(|f| f as u64)
+        })
+        .ok_or_else(|| serde::de::Error::custom("a date is a non-negative number of seconds"))
+}
+
+fn optional_numeric_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    numeric_date(d).map(Some)
+}
+
+impl TimeClaims {
+    /// Refuses an assertion that lives longer than `max` (from now, and from its `iat`), or whose
+    /// `iat` is in the future: a long-lived assertion is as good as a stored secret.
+    fn check_lifetime(&self, max: u64, now: u64) -> Result<(), String> {
+        let limit = max + ASSERTION_LEEWAY_SECS;
+        if self.exp.saturating_sub(now) > limit {
+            return Err(format!("it expires more than {max} seconds from now; sign a short-lived one"));
+        }
+        if let Some(iat) = self.iat {
+            if iat > now + ASSERTION_LEEWAY_SECS {
+                return Err("it was issued in the future ('iat'); check the signer's clock".into());
+            }
+            if self.exp.saturating_sub(iat) > limit {
+                return Err(format!("it is valid for more than {max} seconds ('exp' - 'iat')"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The validation every assertion gets: one algorithm, `exp` and `nbf` checked with leeway.
+fn assertion_validation(alg: Algorithm, issuer: &str, audiences: &[String], subject: &str) -> Validation {
+    let mut v = Validation::new(alg);
+    v.algorithms = vec![alg];
+    v.set_issuer(&[issuer]);
+    v.set_audience(audiences);
+    v.sub = Some(subject.to_owned());
+    v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+    v.validate_exp = true;
+    v.validate_nbf = true;
+    v.leeway = ASSERTION_LEEWAY_SECS;
+    v
+}
+
+/// A client assertion: signed with a registered certificate's key (`iss` = client id), or a
+/// federated token from an outside issuer trusted for this principal.
 async fn verify_assertion(
     state: &Arc<AppState>,
     principal: &Principal,
     assertion: &str,
-    token_url: &str,
 ) -> Result<(), OAuthError> {
     let bad = |why: &str| OAuthError::invalid_client(format!("The client assertion is not valid: {why}."));
     let header = jsonwebtoken::decode_header(assertion).map_err(|_| bad("it is not a JWT"))?;
@@ -406,7 +477,7 @@ async fn verify_assertion(
         .claims;
     let issuer = claims.iss.ok_or_else(|| bad("it has no issuer"))?;
     if issuer == principal.client_id {
-        return verify_certificate_assertion(state, principal, assertion, header.alg, token_url).await;
+        return verify_certificate_assertion(state, principal, assertion, header.alg).await;
     }
     let snapshot = state.directory.snapshot();
     let candidates: Vec<&FederatedCredential> = snapshot
@@ -417,44 +488,74 @@ async fn verify_assertion(
     if candidates.is_empty() {
         return Err(bad(&format!("no federated credential trusts issuer '{issuer}' for this client")));
     }
+    // Every credential trusting this issuer is tried (they differ in subject, audience or keys);
+    // the first that verifies the token wins. Federated tokens are not single use: the issuer
+    // writes one token to a file that the SDKs re-read until it is rotated (as Entra accepts).
+    let mut last = String::from("no key of the issuer matches its key id");
     for fc in candidates {
-        let jwks = state.federation_keys.keys(fc).await.map_err(|e| bad(&e))?;
+        let jwks = match state.federation_keys.keys(fc, &state.outbound).await {
+            Ok(jwks) => jwks,
+            Err(e) => {
+                last = e;
+                continue;
+            }
+        };
         let jwk = match &header.kid {
             Some(kid) => jwks.find(kid),
             None if jwks.keys.len() == 1 => jwks.keys.first(),
             None => None,
         };
         let Some(jwk) = jwk else { continue };
-        let key = DecodingKey::from_jwk(jwk).map_err(|_| bad("the issuer's key cannot be used"))?;
-        let mut v = Validation::new(header.alg);
-        v.algorithms = vec![header.alg];
-        v.set_issuer(&[&fc.issuer]);
-        v.set_audience(&[&fc.audience]);
-        v.sub = Some(fc.subject.clone());
-        v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        v.leeway = 60;
-        match jsonwebtoken::decode::<serde_json::Value>(assertion, &key, &v) {
-            Ok(_) => return Ok(()),
+        let Ok(key) = DecodingKey::from_jwk(jwk) else {
+            last = "the issuer's key cannot be used".into();
+            continue;
+        };
+        let v = assertion_validation(header.alg, &fc.issuer, std::slice::from_ref(&fc.audience), &fc.subject);
+        match jsonwebtoken::decode::<TimeClaims>(assertion, &key, &v) {
+            Ok(data) => {
+                return data
+                    .claims
+                    .check_lifetime(state.federated_token_max_lifetime_secs, unix_now())
+                    .map_err(|e| bad(&e))
+            }
             Err(e) => {
-                tracing::info!(issuer = %fc.issuer, error = %e, "federated assertion rejected");
-                return Err(bad(&format!("{e}")));
+                tracing::info!(issuer = %fc.issuer, credential = %fc.id, error = %e, "federated assertion rejected");
+                last = e.to_string();
             }
         }
     }
-    Err(bad("no key of the issuer matches its key id"))
+    Err(bad(&last))
+}
+
+/// This server's token endpoint URLs, from its configuration (never from the request): the
+/// audiences a certificate assertion may name. MSAL names the token endpoint of the OpenID
+/// configuration (Entra v2 or AD FS form); other clients the v2 form of their tenant.
+fn token_endpoint_urls(state: &AppState) -> Vec<String> {
+    let login = AppState::resource(&format!("login.{}", state.zone), state.public_port);
+    // The same base as the OpenID configuration's token_endpoint, which MSAL signs for.
+    let mut urls = Vec::new();
+    for tenant in [state.tokens.tenant(), "adfs"] {
+        for path in ["oauth2/v2.0/token", "oauth2/token"] {
+            let url = format!("{login}/{tenant}/{path}");
+            if !urls.contains(&url) {
+                urls.push(url);
+            }
+        }
+    }
+    urls
 }
 
 /// A client assertion signed with the key of a certificate registered for the principal:
-/// `iss` = `sub` = client id, `aud` = this token endpoint.
+/// `iss` = `sub` = client id, `aud` = this token endpoint, at most 10 minutes of life, and used
+/// once (`jti` remembered until it expires).
 async fn verify_certificate_assertion(
     state: &Arc<AppState>,
     principal: &Principal,
     assertion: &str,
     alg: Algorithm,
-    token_url: &str,
 ) -> Result<(), OAuthError> {
     let bad = |why: String| OAuthError::invalid_client(format!("The client assertion is not valid: {why}."));
-    let now = unix_now() as i64;
+    let now = unix_now();
     let certs = state
         .directory
         .store()
@@ -466,22 +567,50 @@ async fn verify_certificate_assertion(
     if certs.is_empty() {
         return Err(bad("no certificate is registered for this client".into()));
     }
+    let audiences = token_endpoint_urls(state);
+    let v = assertion_validation(alg, &principal.client_id, &audiences, &principal.client_id);
     let mut last = String::from("no registered certificate verifies it");
-    for cert in certs.iter().filter(|c| c.expires.is_none_or(|e| e > now)) {
+    let mut verified = None;
+    for cert in certs.iter().filter(|c| c.expires.is_none_or(|e| e > now as i64)) {
         let Ok((key, _)) = crate::directory::certificate_key(&cert.material) else { continue };
-        let mut v = Validation::new(alg);
-        v.algorithms = vec![alg];
-        v.set_issuer(&[&principal.client_id]);
-        v.set_audience(&[token_url]);
-        v.sub = Some(principal.client_id.clone());
-        v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        v.leeway = 60;
-        match jsonwebtoken::decode::<serde_json::Value>(assertion, &key, &v) {
-            Ok(_) => return Ok(()),
-            Err(e) => last = e.to_string(),
+        match jsonwebtoken::decode::<TimeClaims>(assertion, &key, &v) {
+            Ok(data) => {
+                verified = Some(data.claims);
+                break;
+            }
+            Err(e) => {
+                last = match e.kind() {
+                    jsonwebtoken::errors::ErrorKind::InvalidAudience => {
+                        format!("its audience must be this server's token endpoint, {}", audiences[0])
+                    }
+                    _ => e.to_string(),
+                }
+            }
         }
     }
-    Err(bad(last))
+    let claims = verified.ok_or_else(|| bad(last))?;
+    claims.check_lifetime(CERTIFICATE_ASSERTION_MAX_LIFETIME_SECS, now).map_err(bad)?;
+    let jti = claims
+        .jti
+        .as_deref()
+        .filter(|j| !j.is_empty())
+        .ok_or_else(|| bad("it has no 'jti'; each assertion needs a unique id".into()))?;
+    if jti.len() > crate::replay::MAX_JTI_LEN {
+        return Err(bad("its 'jti' is too long".into()));
+    }
+    // Remembered past `exp` by the leeway, as long as verification would still accept it.
+    match state.assertion_ids.first_use(&principal.client_id, jti, claims.exp + ASSERTION_LEEWAY_SECS, now) {
+        Ok(()) => Ok(()),
+        Err(crate::replay::Refusal::Replayed) => {
+            Err(bad("it was used before; sign a new assertion for each token request".into()))
+        }
+        Err(crate::replay::Refusal::Full) => Err(OAuthError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            50001,
+            "Too many client assertions are in use; retry in a minute.",
+        )),
+    }
 }
 
 /// The issuers' signing keys: inline JWKS documents, or fetched from a JWKS URL and cached.
@@ -493,7 +622,11 @@ pub struct FederationKeys {
 const JWKS_CACHE_TTL: Duration = Duration::from_secs(300);
 
 impl FederationKeys {
-    async fn keys(&self, fc: &FederatedCredential) -> Result<jsonwebtoken::jwk::JwkSet, String> {
+    async fn keys(
+        &self,
+        fc: &FederatedCredential,
+        outbound: &Arc<OutboundPolicy>,
+    ) -> Result<jsonwebtoken::jwk::JwkSet, String> {
         if let Some(inline) = &fc.jwks {
             return serde_json::from_str(inline).map_err(|e| format!("the configured JWKS is invalid: {e}"));
         }
@@ -503,16 +636,23 @@ impl FederationKeys {
                 return Ok(set.clone());
             }
         }
-        let http = reqwest::Client::builder()
-            .use_rustls_tls()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| e.to_string())?;
-        let set: jsonwebtoken::jwk::JwkSet = http
-            .get(url)
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
+        // Only where the outbound policy allows, and no redirects: the issuer's JWKS URL is
+        // exactly the one registered.
+        let parsed = reqwest::Url::parse(url).map_err(|e| format!("the JWKS URL {url} is invalid: {e}"))?;
+        outbound.check_url(&parsed).map_err(|e| format!("cannot fetch the issuer's keys from {url}: {e}"))?;
+        let http =
+            outbound.client_builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
+        let response = http.get(parsed).send().await.map_err(|e| {
+            format!("cannot fetch the issuer's keys from {url}: {}", crate::events::error_chain(&e))
+        })?;
+        if response.status().is_redirection() {
+            return Err(format!(
+                "the issuer's JWKS URL {url} redirects ({}); register the final URL",
+                response.status()
+            ));
+        }
+        let set: jsonwebtoken::jwk::JwkSet = response
+            .error_for_status()
             .map_err(|e| format!("cannot fetch the issuer's keys from {url}: {e}"))?
             .json()
             .await
@@ -611,5 +751,36 @@ async fn agent_token(
         Err(BrokerError::Unavailable(msg)) => {
             Err(OAuthError::new(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", 50001, msg))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(text: &str) -> TimeClaims {
+        serde_json::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn assertion_lifetimes_are_bounded_from_now_and_from_iat() {
+        let now = 1_000_000;
+        let ok = claims(r#"{"exp": 1000600, "iat": 1000000}"#);
+        assert_eq!(ok.check_lifetime(600, now), Ok(()));
+        // Leeway for a signer whose clock runs a little ahead.
+        assert_eq!(claims(r#"{"exp": 1000650, "iat": 1000050}"#).check_lifetime(600, now), Ok(()));
+        assert!(claims(r#"{"exp": 1000700}"#).check_lifetime(600, now).is_err(), "exp - now");
+        assert!(claims(r#"{"exp": 1000100, "iat": 999000}"#).check_lifetime(600, now).is_err(), "exp - iat");
+        assert!(claims(r#"{"exp": 1000600, "iat": 1000100}"#).check_lifetime(600, now).is_err(), "iat ahead");
+        assert_eq!(claims(r#"{"exp": 1003600, "iat": 1000000}"#).check_lifetime(3600, now), Ok(()));
+    }
+
+    #[test]
+    fn dates_may_be_fractional_but_not_negative_or_text() {
+        let c = claims(r#"{"exp": 1796537313.8487697, "iat": 1796536713.5}"#);
+        assert_eq!((c.exp, c.iat), (1_796_537_313, Some(1_796_536_713)));
+        assert!(serde_json::from_str::<TimeClaims>(r#"{"exp": -5}"#).is_err());
+        assert!(serde_json::from_str::<TimeClaims>(r#"{"exp": "1796537313"}"#).is_err());
+        assert!(serde_json::from_str::<TimeClaims>(r#"{"iat": 1}"#).is_err(), "exp is required");
     }
 }

@@ -47,6 +47,12 @@ pub struct AppState {
     pub vaults: VaultService,
     pub directory: Directory,
     pub federation_keys: FederationKeys,
+    /// The `jti`s of certificate assertions already used.
+    pub assertion_ids: crate::replay::AssertionIds,
+    /// Where webhooks and JWKS fetches may connect.
+    pub outbound: Arc<crate::outbound::OutboundPolicy>,
+    /// Longest accepted life of a federated token.
+    pub federated_token_max_lifetime_secs: u64,
     pub keyring: Arc<Keyring>,
     pub store: Arc<dyn Store>,
     /// `None` only when auditing was switched off (benchmarks).
