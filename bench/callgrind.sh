@@ -49,7 +49,7 @@ measure() {
   out=$dir/callgrind.out
   # Instrumentation starts off (fast start-up) and covers the counted passes only.
   valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" \
-    "$COFFER" server --dev --data-dir "$dir/data" --listen "127.0.0.1:$port" "$@" >"$dir/server.log" 2>&1 &
+    "$COFFER" server --dev --data-dir "$dir/data" --listen "127.0.0.1:$port" --principal-requests-per-sec 0 "$@" >"$dir/server.log" 2>&1 &
   SERVER_PID=$!
   local i
   for i in $(seq 1 600); do

@@ -217,11 +217,18 @@ if "$COFFER" server --help 2>/dev/null | grep -q -- '--audit'; then COFFER_HAS_A
 COFFER_AUDIT_ON_ARGS=${BENCH_COFFER_AUDIT_ON_ARGS:-}
 COFFER_AUDIT_OFF_ARGS=${BENCH_COFFER_AUDIT_OFF_ARGS:---audit off}
 
+# The bench measures how much one principal can get served; the per-principal request limit
+# (default 2,000/s, a production guard against a runaway workload) would measure the limit.
+COFFER_LIMIT_ARGS=()
+if "$COFFER" server --help 2>/dev/null | grep -q -- '--principal-requests-per-sec'; then
+  COFFER_LIMIT_ARGS=(--principal-requests-per-sec 0)
+fi
+
 coffer_try_start() { # DATA_DIR PORT LOG [extra args]: starts a dev server, pid in LAST_PID
   local dir=$1 port=$2 logf=$3
   shift 3
   mkdir -p "$dir"
-  start_bg "$logf" "$COFFER" server --dev --data-dir "$dir" --listen "127.0.0.1:$port" "$@"
+  start_bg "$logf" "$COFFER" server --dev --data-dir "$dir" --listen "127.0.0.1:$port" "${COFFER_LIMIT_ARGS[@]}" "$@"
   wait_log "$logf" ready "$LAST_PID" 120 || { stop_pid "$LAST_PID"; return 1; }
 }
 coffer_start() { coffer_try_start "$@" || die "coffer did not become ready (log: $3)"; }

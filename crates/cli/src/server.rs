@@ -96,6 +96,13 @@ pub struct ServerSettings {
     /// How many failing requests a client address may make at once (default 200).
     #[arg(long, env = "COFFER_FAILED_REQUESTS_BURST")]
     failed_requests_burst: Option<u32>,
+    /// Requests one authenticated principal may make per second (default 2000; 0: no limit);
+    /// past that, Key Vault's 429 with Retry-After.
+    #[arg(long, env = "COFFER_PRINCIPAL_REQUESTS_PER_SEC")]
+    principal_requests_per_sec: Option<u32>,
+    /// How many requests one principal may make at once (default 4000).
+    #[arg(long, env = "COFFER_PRINCIPAL_REQUESTS_BURST")]
+    principal_requests_burst: Option<u32>,
     /// Internal addresses webhooks and federation JWKS URLs may reach (comma-separated ranges,
     /// addresses or host names, e.g. 127.0.0.1,10.0.0.0/8,hooks.internal); by default loopback,
     /// private and link-local addresses are refused.
@@ -152,6 +159,8 @@ impl ServerSettings {
             max_connections_per_address: self.max_connections_per_address,
             failed_requests_per_sec: self.failed_requests_per_sec,
             failed_requests_burst: self.failed_requests_burst,
+            principal_requests_per_sec: self.principal_requests_per_sec,
+            principal_requests_burst: self.principal_requests_burst,
             outbound_allow: (!self.outbound_allow.is_empty()).then(|| self.outbound_allow.clone()),
         };
         Ok(ServerConfig::resolve(mode, file.overlay(flags), prompt_passphrase)?)

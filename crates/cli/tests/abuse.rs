@@ -260,3 +260,67 @@ async fn an_unauthenticated_flood_is_accounted_for_in_little_audit() {
     assert_eq!(individual, statuses[&401], "each 401 has its record");
     assert_eq!(in_bursts as usize, statuses[&429], "each 429 is counted in a burst record");
 }
+
+/// One principal past its allowance gets Key Vault's 429 `Throttled` with `Retry-After`;
+/// another principal is served meanwhile, and the first again once the time has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_principal_past_its_allowance_gets_keyvault_429() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(
+        &dir.path().join("data"),
+        free_port(),
+        &["--principal-requests-per-sec", "1", "--principal-requests-burst", "3"],
+    );
+    let http = http(&server);
+    let url = format!("https://localhost:{}/admin/vaults", server.port);
+    let admin = server.env("COFFER_TOKEN");
+    let mut statuses = Vec::new();
+    let mut throttled = None;
+    for _ in 0..6 {
+        let r = http.get(&url).bearer_auth(&admin).send().await.unwrap();
+        statuses.push(r.status().as_u16());
+        if r.status() == 429 {
+            let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+            let body: Value = r.json().await.unwrap();
+            throttled = Some((retry, body));
+        }
+    }
+    assert_eq!(&statuses[..3], &[200, 200, 200], "{statuses:?}");
+    assert!(statuses[3..].contains(&429), "{statuses:?}");
+    let (retry, body) = throttled.unwrap();
+    assert_eq!(body["error"]["code"], "Throttled", "{body}");
+    assert!((1..=2).contains(&retry), "{retry}");
+    // Another principal has its own allowance (the administrator, served again after the
+    // wait, creates it).
+    tokio::time::sleep(Duration::from_secs(retry)).await;
+    let (ok, out, err) = cli(&server, &["sp", "create", "other", "-o", "json"]);
+    assert!(ok, "{err}");
+    let sp: Value = serde_json::from_str(&out).unwrap();
+    let token_url = format!("https://login.localhost:{}/adfs/oauth2/token", server.port);
+    let scope = format!("https://localhost:{}/.default", server.port);
+    let token: Value = http
+        .post(token_url)
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", sp["clientId"].as_str().unwrap()),
+            ("client_secret", sp["clientSecret"].as_str().unwrap()),
+            ("scope", &scope),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let other = token["access_token"].as_str().unwrap();
+    let mut admin_throttled = false;
+    for _ in 0..6 {
+        admin_throttled |= http.get(&url).bearer_auth(&admin).send().await.unwrap().status() == 429;
+    }
+    assert!(admin_throttled, "the administrator is throttled again");
+    let r = http.get(&url).bearer_auth(other).send().await.unwrap();
+    assert_ne!(r.status(), 429, "another principal is not throttled");
+    tokio::time::sleep(Duration::from_secs(retry)).await;
+    let r = http.get(&url).bearer_auth(&admin).send().await.unwrap();
+    assert_eq!(r.status(), 200, "served again once Retry-After has passed");
+}

@@ -59,6 +59,10 @@ pub struct FileConfig {
     pub failed_requests_per_sec: Option<u32>,
     /// How many such requests a client address may make at once (default 200).
     pub failed_requests_burst: Option<u32>,
+    /// Requests one authenticated principal may make per second (default 2000; 0: no limit).
+    pub principal_requests_per_sec: Option<u32>,
+    /// How many requests one principal may make at once (default 4000).
+    pub principal_requests_burst: Option<u32>,
     /// Internal addresses (ranges like `10.0.0.0/8`, addresses, host names) that webhooks and
     /// federation JWKS URLs may reach; by default loopback, private and link-local are refused.
     pub outbound_allow: Option<Vec<String>>,
@@ -105,6 +109,8 @@ impl FileConfig {
                 .or(self.max_connections_per_address),
             failed_requests_per_sec: other.failed_requests_per_sec.or(self.failed_requests_per_sec),
             failed_requests_burst: other.failed_requests_burst.or(self.failed_requests_burst),
+            principal_requests_per_sec: other.principal_requests_per_sec.or(self.principal_requests_per_sec),
+            principal_requests_burst: other.principal_requests_burst.or(self.principal_requests_burst),
             outbound_allow: other.outbound_allow.or(self.outbound_allow),
         }
     }
@@ -170,6 +176,8 @@ pub struct ConnectionSettings {
     pub max_per_address: usize,
     /// Failing requests allowed per client address: (per second, at once).
     pub failed_requests: (u32, u32),
+    /// Requests allowed per authenticated principal: (per second, 0 for no limit; at once).
+    pub principal_requests: (u32, u32),
 }
 
 impl ConnectionSettings {
@@ -201,6 +209,17 @@ impl ConnectionSettings {
                 }
                 limits => limits,
             },
+            principal_requests: (
+                file.principal_requests_per_sec.unwrap_or(2000),
+                match file.principal_requests_burst.unwrap_or(4000) {
+                    0 => {
+                        return Err(ConfigError::Invalid(
+                            "principal_requests_burst must be at least 1".into(),
+                        ))
+                    }
+                    n => n,
+                },
+            ),
         })
     }
 }

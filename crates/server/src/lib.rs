@@ -293,6 +293,10 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> a
             config.connections.failed_requests.0,
             config.connections.failed_requests.1,
         ),
+        principal_limits: throttle::PrincipalThrottle::new(
+            config.connections.principal_requests.0,
+            config.connections.principal_requests.1,
+        ),
     });
     if let (Some(agent), Some(listener), Some(identity_header)) = (dev_agent, agent_listener, identity_header)
     {

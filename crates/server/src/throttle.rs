@@ -331,3 +331,71 @@ mod failure_tests {
         assert_eq!(throttle.charge("2001:db8:0:1::1".parse().unwrap(), t0), Ok(()), "another /64");
     }
 }
+
+/// A token bucket per authenticated principal: `rate` requests a second, `burst` at once, like
+/// Key Vault's per-vault service limits but per caller, so one runaway workload cannot starve
+/// the others. Past it: Key Vault's 429 `Throttled` with `Retry-After` (the SDKs' retry
+/// policies wait that long). A rate of 0 means no limit.
+pub struct PrincipalThrottle {
+    rate: f64,
+    burst: f64,
+    principals: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl PrincipalThrottle {
+    pub fn new(rate_per_sec: u32, burst: u32) -> Self {
+        Self { rate: f64::from(rate_per_sec), burst: f64::from(burst.max(1)), principals: Mutex::default() }
+    }
+
+    /// Spends one request of `principal`'s allowance, or says how long until one is left.
+    pub fn take(&self, principal: &str, now: Instant) -> Result<(), Duration> {
+        if self.rate == 0.0 {
+            return Ok(());
+        }
+        let mut principals = match self.principals.lock() {
+            Ok(p) => p,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let (tokens, refilled) = match principals.get_mut(principal) {
+            Some(bucket) => bucket,
+            None => {
+                // Principals are the directory's, so the table is bounded by it; forget full
+                // buckets now and then all the same.
+                if principals.len() >= MAX_CLIENTS {
+                    let (rate, burst) = (self.rate, self.burst);
+                    principals.retain(|_, (t, at)| *t + now.duration_since(*at).as_secs_f64() * rate < burst);
+                }
+                principals.entry(principal.to_owned()).or_insert((self.burst, now))
+            }
+        };
+        *tokens = (*tokens + now.duration_since(*refilled).as_secs_f64() * self.rate).min(self.burst);
+        *refilled = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - *tokens) / self.rate))
+        }
+    }
+}
+
+#[cfg(test)]
+mod principal_tests {
+    use super::*;
+
+    #[test]
+    fn each_principal_has_its_own_allowance_and_zero_means_unlimited() {
+        let throttle = PrincipalThrottle::new(100, 2);
+        let t0 = Instant::now();
+        assert_eq!(throttle.take("a", t0), Ok(()));
+        assert_eq!(throttle.take("a", t0), Ok(()));
+        let wait = throttle.take("a", t0).unwrap_err();
+        assert!(wait <= Duration::from_millis(10), "{wait:?}");
+        assert_eq!(throttle.take("b", t0), Ok(()), "another principal");
+        assert_eq!(throttle.take("a", t0 + Duration::from_millis(10)), Ok(()), "refilled");
+        let unlimited = PrincipalThrottle::new(0, 1);
+        for _ in 0..1000 {
+            assert_eq!(unlimited.take("a", t0), Ok(()));
+        }
+    }
+}

@@ -16,11 +16,22 @@ pub struct ApiError {
     pub inner_code: Option<&'static str>,
     /// Set on 401s: the `WWW-Authenticate` challenge to send.
     pub challenge: Option<HeaderValue>,
+    /// Set on 429s: seconds for `Retry-After`.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), inner_code: None, challenge: None }
+        Self { status, code, message: message.into(), inner_code: None, challenge: None, retry_after: None }
+    }
+
+    /// Key Vault's 429 `Throttled`, with `Retry-After` (whole seconds, at least one).
+    pub fn throttled(wait: std::time::Duration, message: impl FnOnce(u64) -> String) -> Self {
+        let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+        Self {
+            retry_after: Some(secs),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "Throttled", message(secs))
+        }
     }
 
     pub fn bad_parameter(message: impl Into<String>) -> Self {
@@ -111,6 +122,9 @@ impl IntoResponse for ApiError {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
         if let Some(challenge) = self.challenge {
             headers.insert(header::WWW_AUTHENTICATE, challenge);
+        }
+        if let Some(secs) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }

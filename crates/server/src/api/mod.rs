@@ -61,6 +61,8 @@ pub struct AppState {
     pub sign_in_delays: crate::throttle::SignInDelays,
     /// The allowance of failing requests per client address.
     pub failures: crate::throttle::FailureThrottle,
+    /// The allowance of requests per authenticated principal.
+    pub principal_limits: crate::throttle::PrincipalThrottle,
 }
 
 impl AppState {
@@ -296,15 +298,10 @@ fn throttled(wait: std::time::Duration, oauth: bool) -> Response {
     if oauth {
         return identity::throttled(wait);
     }
-    let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
-    let mut response = ApiError::new(
-        StatusCode::TOO_MANY_REQUESTS,
-        "Throttled",
-        format!("Too many requests from this address failed authentication; retry after {secs} seconds."),
-    )
-    .into_response();
-    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    response
+    ApiError::throttled(wait, |secs| {
+        format!("Too many requests from this address failed authentication; retry after {secs} seconds.")
+    })
+    .into_response()
 }
 
 /// The audit record of a client's refused burst: how many requests were refused, from when to
@@ -443,6 +440,11 @@ fn authenticate_inner(
         .ok_or_else(|| unauthorized("The access token's principal does not exist."))?;
     if !principal.enabled || principal.kind == coffer_core::authz::PrincipalKind::Group {
         return Err(unauthorized("The access token's principal is disabled."));
+    }
+    if let Err(wait) = state.principal_limits.take(&principal.object_id, std::time::Instant::now()) {
+        return Err(ApiError::throttled(wait, |secs| {
+            format!("Too many requests from this principal; retry after {secs} seconds.")
+        }));
     }
     Ok(principal.clone())
 }
