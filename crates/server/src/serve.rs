@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::Router;
-use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
@@ -106,7 +106,14 @@ pub async fn serve(
             let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 req.extensions_mut().insert(PeerAddr(peer));
                 let busy = tracked.begin();
-                let req = req.map(|body| axum::body::Body::new(DeadlineBody::new(body, body_timeout)));
+                // A bodiless request (every GET) has nothing to time out: no timer for it.
+                let req = req.map(|body| {
+                    if body.is_end_stream() {
+                        axum::body::Body::new(body)
+                    } else {
+                        axum::body::Body::new(DeadlineBody::new(body, body_timeout))
+                    }
+                });
                 let response = app.clone().oneshot(req);
                 async move {
                     let response = response.await;
