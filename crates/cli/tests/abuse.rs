@@ -10,15 +10,7 @@ use common::{cli, free_port, TestServer};
 use serde_json::Value;
 
 fn http(server: &TestServer) -> reqwest::Client {
-    let ca = reqwest::Certificate::from_pem(&std::fs::read(server.data_dir.join("ca.pem")).unwrap()).unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", server.port).parse().unwrap();
-    reqwest::Client::builder()
-        .use_rustls_tls()
-        .add_root_certificate(ca)
-        .resolve("localhost", addr)
-        .resolve("login.localhost", addr)
-        .build()
-        .unwrap()
+    server.https(&[])
 }
 
 /// A password grant; the status, `Retry-After` and body.
@@ -296,22 +288,16 @@ async fn a_principal_past_its_allowance_gets_keyvault_429() {
     let (ok, out, err) = cli(&server, &["sp", "create", "other", "-o", "json"]);
     assert!(ok, "{err}");
     let sp: Value = serde_json::from_str(&out).unwrap();
-    let token_url = format!("https://login.localhost:{}/adfs/oauth2/token", server.port);
-    let scope = format!("https://localhost:{}/.default", server.port);
-    let token: Value = http
-        .post(token_url)
-        .form(&[
-            ("grant_type", "client_credentials"),
-            ("client_id", sp["clientId"].as_str().unwrap()),
-            ("client_secret", sp["clientSecret"].as_str().unwrap()),
-            ("scope", &scope),
-        ])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (status, token) = server
+        .client_credentials(
+            &http,
+            &[
+                ("client_id", sp["clientId"].as_str().unwrap()),
+                ("client_secret", sp["clientSecret"].as_str().unwrap()),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200, "{}", token["error"]);
     let other = token["access_token"].as_str().unwrap();
     let mut admin_throttled = false;
     for _ in 0..6 {

@@ -24,16 +24,7 @@ fn now() -> u64 {
 impl Harness {
     fn start(dir: &std::path::Path) -> Harness {
         let server = TestServer::start(&dir.join("data"), free_port(), &[]);
-        let ca =
-            reqwest::Certificate::from_pem(&std::fs::read(server.data_dir.join("ca.pem")).unwrap()).unwrap();
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{}", server.port).parse().unwrap();
-        let http = reqwest::Client::builder()
-            .use_rustls_tls()
-            .add_root_certificate(ca)
-            .resolve("localhost", addr)
-            .resolve("login.localhost", addr)
-            .build()
-            .unwrap();
+        let http = server.https(&[]);
         let admin_token = server.env("COFFER_TOKEN");
         Harness { server, http, admin_token }
     }

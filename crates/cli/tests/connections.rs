@@ -141,13 +141,7 @@ async fn an_idle_connection_flood_does_not_lock_others_out() {
         flood.push(TcpStream::from(socket));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let ca = reqwest::Certificate::from_pem(&std::fs::read(server.data_dir.join("ca.pem")).unwrap()).unwrap();
-    let http = reqwest::Client::builder()
-        .use_rustls_tls()
-        .add_root_certificate(ca)
-        .resolve("login.localhost", target)
-        .build()
-        .unwrap();
+    let http = server.https(&[]);
     let url = format!("https://login.localhost:{}/adfs/.well-known/openid-configuration", server.port);
     for _ in 0..5 {
         let r = http.get(&url).send().await.expect("served during the flood");
@@ -173,16 +167,7 @@ async fn urls_are_canonical_whatever_the_host_header_says() {
     for name in ["one", "two"] {
         assert!(common::cli(&server, &["secret", "set", name, "--value", "v"]).0);
     }
-    let ca = reqwest::Certificate::from_pem(&std::fs::read(server.data_dir.join("ca.pem")).unwrap()).unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let http = reqwest::Client::builder()
-        .use_rustls_tls()
-        .http1_only()
-        .add_root_certificate(ca)
-        .resolve("dev.localhost", addr)
-        .resolve("login.localhost", addr)
-        .build()
-        .unwrap();
+    let http = server.https_builder(&[]).http1_only().build().unwrap();
     let token = server.env("COFFER_TOKEN");
     let get = |url: String, host: &'static str| http.get(url).header("host", host).bearer_auth(&token).send();
     let vault = format!("https://dev.localhost:{port}");

@@ -127,16 +127,7 @@ struct Client {
 
 impl Client {
     fn new(server: &TestServer) -> Client {
-        let ca =
-            reqwest::Certificate::from_pem(&std::fs::read(server.data_dir.join("ca.pem")).unwrap()).unwrap();
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{}", server.port).parse().unwrap();
-        let http = reqwest::Client::builder()
-            .use_rustls_tls()
-            .add_root_certificate(ca)
-            .resolve("localhost", addr)
-            .resolve("login.localhost", addr)
-            .build()
-            .unwrap();
+        let http = server.https(&[]);
         Client { http, port: server.port, admin_token: server.env("COFFER_TOKEN") }
     }
 

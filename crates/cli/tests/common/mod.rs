@@ -123,6 +123,45 @@ impl TestServer {
         self.child.wait().unwrap();
     }
 
+    /// An HTTPS client that trusts the dev CA and reaches this server as `localhost`,
+    /// `login.localhost`, `dev.localhost` and `<vault>.localhost` for each of `vaults`.
+    pub fn https_builder(&self, vaults: &[&str]) -> reqwest::ClientBuilder {
+        let ca =
+            reqwest::Certificate::from_pem(&std::fs::read(self.data_dir.join("ca.pem")).unwrap()).unwrap();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{}", self.port).parse().unwrap();
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .add_root_certificate(ca)
+            .resolve("localhost", addr)
+            .resolve("login.localhost", addr)
+            .resolve("dev.localhost", addr);
+        for vault in vaults {
+            builder = builder.resolve(&format!("{vault}.localhost"), addr);
+        }
+        builder
+    }
+
+    /// [`TestServer::https_builder`], built.
+    pub fn https(&self, vaults: &[&str]) -> reqwest::Client {
+        self.https_builder(vaults).build().unwrap()
+    }
+
+    /// A `client_credentials` token request to this server's AD FS token endpoint with `form`
+    /// (client id and secret or assertion) and the server's scope; the status and JSON body.
+    pub async fn client_credentials(
+        &self,
+        http: &reqwest::Client,
+        form: &[(&str, &str)],
+    ) -> (u16, serde_json::Value) {
+        let url = format!("https://login.localhost:{}/adfs/oauth2/token", self.port);
+        let scope = format!("https://localhost:{}/.default", self.port);
+        let mut fields = vec![("grant_type", "client_credentials"), ("scope", scope.as_str())];
+        fields.extend_from_slice(form);
+        let r = http.post(url).form(&fields).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
