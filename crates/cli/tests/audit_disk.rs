@@ -1,0 +1,198 @@
+//! The audit log's disk against the real binary (issue 16): a size bound on the rotated files
+//! that keeps `coffer audit verify` passing, a loud and rate-limited alarm when the audit
+//! filesystem runs low, and `/readyz` and `/metrics` reporting the headroom.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{free_port, TestServer, BIN};
+use serde_json::Value;
+
+fn http(server: &TestServer) -> reqwest::Client {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(server.data_dir.join("ca.pem")).unwrap()).unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", server.port).parse().unwrap();
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(ca)
+        .resolve("localhost", addr)
+        .resolve("dev.localhost", addr)
+        .build()
+        .unwrap()
+}
+
+/// The rotated audit files (`audit-<first>-<last>.jsonl`), oldest first, with their sizes.
+fn rotated(dir: &std::path::Path) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_owned();
+            let len = e.metadata().ok()?.len();
+            (name.starts_with("audit-") && name.ends_with(".jsonl")).then_some((name, len))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+const MIB: u64 = 1024 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_size_bound_prunes_old_rotated_files_and_the_log_still_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = free_port();
+    let server = TestServer::start(&data, port, &["--audit-max-file-mib", "1", "--audit-max-total-mib", "2"]);
+    let audit_dir = data.join("audit");
+    let http = http(&server);
+    let token = server.env("COFFER_TOKEN");
+    // Authenticated reads (a 404 each), audited one record each; a long User-Agent (records cut
+    // it at 1 KiB) makes each record ≈2.5 KB, so ≈5 MiB of audit takes ≈2,000 requests.
+    let agent = "x".repeat(1024);
+    let url = format!("https://dev.localhost:{port}/secrets/nothing-here?api-version=7.5");
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (http, token, agent, url) = (http.clone(), token.clone(), agent.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..260 {
+                let r = http.get(&url).bearer_auth(&token).header("user-agent", &agent).send().await.unwrap();
+                assert_eq!(r.status(), 404);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Rotation (at 1 MiB) and the bound are applied after a commit; a few more requests make
+    // sure the last rotation's pruning is done before the files are counted.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let files = rotated(&audit_dir);
+        let total: u64 = files.iter().map(|(_, len)| len).sum();
+        let first_pruned =
+            files.first().is_some_and(|(name, _)| !name.starts_with("audit-00000000000000000001-"));
+        if total <= 2 * MIB && first_pruned {
+            break;
+        }
+        assert!(Instant::now() < deadline, "rotated files hold {total} bytes (bound 2 MiB): {files:?}");
+        let r = http.get(&url).bearer_auth(&token).send().await.unwrap();
+        assert_eq!(r.status(), 404);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Rotated files are a little over 1 MiB (rotation follows the commit that crossed it), so
+    // the 2 MiB bound keeps the newest one.
+    assert!(!rotated(&audit_dir).is_empty(), "the newest rotated file was pruned too");
+    let log = server.log_text();
+    assert!(log.contains("size bound pruned rotated files"), "{log}");
+
+    // What is left verifies: the pruning is signed (prunedThrough), not a deletion.
+    let out = Command::new(BIN).args(["audit", "verify", "--data-dir"]).arg(&data).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.contains("verified: OK"), "{stdout}{stderr}");
+    assert!(stderr.contains("note: records through seq") && stderr.contains("were pruned"), "{stderr}");
+
+    // The metrics say the same.
+    let r = http.get(format!("https://localhost:{port}/metrics")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let metric = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    assert!(metric("coffer_audit_pruned_files_total") >= 1, "{text}");
+    assert_eq!(metric("coffer_audit_max_total_bytes"), 2 * MIB, "{text}");
+    assert!(metric("coffer_audit_rotated_bytes") <= 2 * MIB + MIB, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn low_audit_disk_headroom_is_alarmed_and_readyz_answers_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = free_port();
+    // More free space than any test machine has: the headroom is "low" from the start.
+    let server = TestServer::start(&data, port, &["--audit-min-free-mib", "1000000000"]);
+    let http = http(&server);
+    let audit_records =
+        || rotated(&data.join("audit")).len() as u64 + count_lines(&data.join("audit/audit.jsonl"));
+    let before = audit_records();
+
+    // The alarm is in the log, loud, without waiting for the disk to fill.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !server.log_text().contains("audit disk headroom is low") {
+        assert!(Instant::now() < deadline, "no alarm in the log:\n{}", server.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..20 {
+        let r = http.get(format!("https://localhost:{port}/readyz")).send().await.unwrap();
+        assert_eq!(r.status(), 503);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["status"], "unavailable", "{body}");
+        assert_eq!(body["checks"]["auditDisk"]["ok"], false, "{body}");
+        assert_eq!(body["checks"]["store"]["ok"], true, "{body}");
+        assert_eq!(body["checks"]["auditWriter"]["ok"], true, "{body}");
+        let disk = &body["checks"]["auditDisk"];
+        assert!(disk["freeBytes"].as_u64().unwrap() > 0, "{body}");
+        assert_eq!(disk["minFreeBytes"].as_u64(), Some(1_000_000_000 * MIB), "{body}");
+        assert!(disk["message"].as_str().unwrap().contains("audit_min_free_mib"), "{body}");
+    }
+    // Liveness is not readiness: /healthz still answers 200.
+    let r = http.get(format!("https://localhost:{port}/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // Rate-limited (once a minute), not once per check or per request.
+    let alarms = server.log_text().matches("audit disk headroom is low").count();
+    assert!(alarms <= 2, "{alarms} alarms:\n{}", server.log_text());
+    // Health checks are not audited.
+    assert_eq!(audit_records(), before);
+}
+
+fn count_lines(path: &std::path::Path) -> u64 {
+    std::fs::read_to_string(path).map(|t| t.lines().count() as u64).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_answers_200_with_the_headroom_and_metrics_need_audit_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = free_port();
+    let server = TestServer::start(&data, port, &["--audit-min-free-mib", "1"]);
+    let http = http(&server);
+    let r = http.get(format!("https://localhost:{port}/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["status"], "ready", "{body}");
+    for check in ["store", "auditWriter", "auditDisk"] {
+        assert_eq!(body["checks"][check]["ok"], true, "{body}");
+    }
+    let disk = &body["checks"]["auditDisk"];
+    assert!(disk["freeBytes"].as_u64().unwrap() > MIB, "{body}");
+    assert!(disk["dirBytes"].as_u64().unwrap() > 0, "{body}");
+    assert_eq!(disk["minFreeBytes"].as_u64(), Some(MIB), "{body}");
+    assert_eq!(disk["maxTotalBytes"], Value::Null, "{body}");
+    assert!(!server.log_text().contains("audit disk headroom is low"));
+
+    // Metrics tell an attacker how close their flood is to the disk: audit readers only.
+    let url = format!("https://localhost:{port}/metrics");
+    let r = http.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http.get(&url).bearer_auth(server.env("COFFER_TOKEN")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain; version=0.0.4"));
+    let text = r.text().await.unwrap();
+    for name in [
+        "coffer_audit_free_bytes",
+        "coffer_audit_dir_bytes",
+        "coffer_audit_min_free_bytes",
+        "coffer_audit_records_total",
+        "coffer_throttled_requests_total",
+        "coffer_ready",
+    ] {
+        assert!(text.lines().any(|l| l.starts_with(&format!("{name} "))), "no {name} in:\n{text}");
+        assert!(text.contains(&format!("# TYPE {name} ")), "no TYPE for {name} in:\n{text}");
+    }
+    assert!(text.contains("coffer_ready 1"), "{text}");
+}
