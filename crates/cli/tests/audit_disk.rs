@@ -18,6 +18,7 @@ fn http(server: &TestServer) -> reqwest::Client {
         .add_root_certificate(ca)
         .resolve("localhost", addr)
         .resolve("dev.localhost", addr)
+        .resolve("login.localhost", addr)
         .build()
         .unwrap()
 }
@@ -195,4 +196,33 @@ async fn readyz_answers_200_with_the_headroom_and_metrics_need_audit_read() {
         assert!(text.contains(&format!("# TYPE {name} ")), "no TYPE for {name} in:\n{text}");
     }
     assert!(text.contains("coffer_ready 1"), "{text}");
+
+    // A signed-in user without an audit-reader role is refused.
+    let admin = server.env("COFFER_TOKEN");
+    let r = http
+        .post(format!("https://localhost:{port}/admin/principals"))
+        .bearer_auth(&admin)
+        .json(&serde_json::json!({"name": "no-roles", "type": "user", "password": "pw-7Hq2-metrics"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let r = http
+        .post(format!("https://login.localhost:{port}/adfs/oauth2/token"))
+        .form(&[
+            ("grant_type", "password"),
+            ("client_id", "coffer-cli"),
+            ("username", "no-roles"),
+            ("password", "pw-7Hq2-metrics"),
+            ("scope", &format!("https://localhost:{port}/.default")),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let user_token = r.json::<Value>().await.unwrap()["access_token"].as_str().unwrap().to_owned();
+    let r = http.get(&url).bearer_auth(&user_token).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["innererror"]["code"], "ForbiddenByRbac", "{body}");
 }
