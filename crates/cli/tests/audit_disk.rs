@@ -1,6 +1,7 @@
 //! The audit log's disk against the real binary (issue 16): a size bound on the rotated files
 //! that keeps `coffer audit verify` passing, a loud and rate-limited alarm when the audit
-//! filesystem runs low, and `/readyz` and `/metrics` reporting the headroom.
+//! filesystem runs low (a threshold above the free space, and a real tmpfs filling up: needs
+//! root, as the suite does), and `/readyz` and `/metrics` reporting the headroom.
 
 mod common;
 
@@ -225,4 +226,124 @@ async fn readyz_answers_200_with_the_headroom_and_metrics_need_audit_read() {
     assert_eq!(r.status(), 403);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["innererror"]["code"], "ForbiddenByRbac", "{body}");
+}
+
+/// A tmpfs mounted for the test, unmounted (lazily) on drop.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "mounting a tmpfs needs root: run the suite as root (CI does)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "cannot mount a tmpfs");
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+/// Writes `bytes` (or until the filesystem is full, if `None`) into a new file at `path`.
+fn fill(path: &std::path::Path, bytes: Option<u64>) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    let mut written = 0u64;
+    while bytes.is_none_or(|b| written < b) && f.write_all(&chunk).is_ok() {
+        written += chunk.len() as u64;
+    }
+    if bytes.is_none() {
+        while f.write_all(&[0]).is_ok() {}
+    }
+    let _ = f.sync_all();
+}
+
+async fn readyz(http: &reqwest::Client, port: u16) -> (u16, Value) {
+    let r = http.get(format!("https://localhost:{port}/readyz")).send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+/// Polls `/readyz` (answered from a 1 s cache) until `accept` holds.
+async fn readyz_until(http: &reqwest::Client, port: u16, accept: impl Fn(u16, &Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = readyz(http, port).await;
+        if accept(status, &body) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "/readyz stayed {status}: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A real filesystem filling up: the alarm and `/readyz` turn before any request is refused,
+/// then the full disk refuses requests (fail closed) and `/readyz` names the audit writer, and
+/// both recover once space is freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filling_audit_disk_alarms_before_requests_fail_and_readyz_follows_it() {
+    let fs = Tmpfs::mount("24m");
+    let audit = fs.0.path().join("audit");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = free_port();
+    let audit_arg = audit.to_str().unwrap();
+    let server = TestServer::start(
+        &data,
+        port,
+        &["--audit-dir", audit_arg, "--audit-min-free-mib", "8", "--audit-journal-mib", "1"],
+    );
+    let http = http(&server);
+    let token = server.env("COFFER_TOKEN");
+    let url = format!("https://dev.localhost:{port}/secrets/nothing-here?api-version=7.5");
+    let get = || async { http.get(&url).bearer_auth(&token).send().await.unwrap() };
+    let (status, body) = readyz(&http, port).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Leave 4 MiB free: below the 8 MiB bound, far from full.
+    let free = coffer_audit::disk_usage(&audit).unwrap().free_bytes;
+    fill(&fs.0.path().join("filler-1"), Some(free - 4 * MIB));
+    let body = readyz_until(&http, port, |s, b| s == 503 && b["checks"]["auditDisk"]["ok"] == false).await;
+    assert_eq!(body["checks"]["auditWriter"]["ok"], true, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !server.log_text().contains("audit disk headroom is low") {
+        assert!(Instant::now() < deadline, "no alarm in the log:\n{}", server.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get().await.status(), 404, "requests are still served (and audited) while the alarm sounds");
+
+    // Full: requests are refused, and /readyz says the audit writer is failing too.
+    fill(&fs.0.path().join("filler-2"), None);
+    let mut refused = false;
+    for _ in 0..2000 {
+        let r = get().await;
+        if r.status() == 503 {
+            assert!(r.text().await.unwrap().contains("AuditUnavailable"));
+            refused = true;
+            break;
+        }
+        assert_eq!(r.status(), 404);
+    }
+    assert!(refused, "the audit disk never filled up");
+    let body = readyz_until(&http, port, |s, b| s == 503 && b["checks"]["auditWriter"]["ok"] == false).await;
+    assert!(body["checks"]["auditWriter"]["message"].as_str().unwrap().contains("commit failed"), "{body}");
+
+    // Space freed: served again, ready again.
+    std::fs::remove_file(fs.0.path().join("filler-1")).unwrap();
+    std::fs::remove_file(fs.0.path().join("filler-2")).unwrap();
+    assert_eq!(get().await.status(), 404);
+    readyz_until(&http, port, |s, _| s == 200).await;
+    drop(server);
 }
