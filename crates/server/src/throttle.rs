@@ -312,6 +312,8 @@ mod failure_tests {
         assert_eq!(bursts.len(), 1);
         assert_eq!((bursts[0].0, bursts[0].1.count), (a, 2));
         assert!(throttle.take_bursts(later, Duration::from_secs(2), Duration::from_secs(10)).is_empty());
+        // The metrics' counter keeps every refusal, recorded or not.
+        assert_eq!(throttle.refused_total(), 2);
     }
 
     #[test]
