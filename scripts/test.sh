@@ -3,8 +3,10 @@
 #   - rustfmt and clippy (rustup components),
 #   - the official Azure SDKs: Python packages into .cache/compat-venv, npm packages into
 #     tests/compat/js/node_modules (exact pinned versions),
-# then: format and lint checks, the Rust unit and integration tests (which run the real binary,
-# including a kill -9 crash test), and the official-SDK compatibility suites against a dev server.
+#   - cargo-deny into ~/.cache/coffer-tools, once per machine (scripts/deny.sh),
+# then: format and lint checks, the supply-chain policy (deny.toml), the Rust unit and
+# integration tests (which run the real binary, including a kill -9 crash test), and the
+# official-SDK compatibility suites against a dev server.
 #
 # Usage: scripts/test.sh            (from anywhere; needs root for the private mount namespace
 #                                    that maps *.localhost in the compat suites)
@@ -26,6 +28,9 @@ cargo fmt --all -- --check
 
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo deny (supply chain: licenses, bans, sources, advisories when reachable)"
+bash scripts/deny.sh
 
 step "cargo test (unit + integration against the real binary)"
 cargo test --workspace --locked

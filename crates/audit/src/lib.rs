@@ -27,7 +27,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
@@ -55,6 +55,12 @@ pub struct AuditConfig {
     /// Delete rotated files (and their index rows) whose newest record is older than this.
     /// `None` keeps everything.
     pub retention: Option<Duration>,
+    /// Also delete the oldest rotated files while all rotated files together exceed this many
+    /// bytes (checked after every rotation; the same signed `prunedThrough` as retention, so
+    /// `verify` still passes). `None` (default): no size bound. The active file is never
+    /// deleted, so the directory holds up to this plus `max_file_bytes`, the index and the
+    /// journal.
+    pub max_total_bytes: Option<u64>,
     /// Write a signed checkpoint after this many records (default 1000) …
     pub checkpoint_every: u64,
     /// … or this long after the previous one (default 60 s), whichever comes first, and only
@@ -98,6 +104,7 @@ impl AuditConfig {
             max_file_bytes: 64 * 1024 * 1024,
             max_file_age: Duration::from_secs(24 * 3600),
             retention: None,
+            max_total_bytes: None,
             checkpoint_every: 1000,
             checkpoint_interval: Duration::from_secs(60),
             hmac_key,
@@ -118,6 +125,7 @@ impl fmt::Debug for AuditConfig {
             .field("max_file_bytes", &self.max_file_bytes)
             .field("max_file_age", &self.max_file_age)
             .field("retention", &self.retention)
+            .field("max_total_bytes", &self.max_total_bytes)
             .field("checkpoint_every", &self.checkpoint_every)
             .field("checkpoint_interval", &self.checkpoint_interval)
             .field("hmac_key", &"<redacted>")
@@ -310,6 +318,51 @@ pub struct AuditStats {
     pub pruned_files: u64,
 }
 
+/// What an audit directory takes on disk, and what its filesystem has left.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskUsage {
+    /// Bytes available to the server on the directory's filesystem (`statvfs`'s `f_bavail`).
+    pub free_bytes: u64,
+    /// Size of that filesystem.
+    pub filesystem_bytes: u64,
+    /// Every file in the directory (the log files, the index, the journal).
+    pub dir_bytes: u64,
+    /// The rotated files alone: what a size bound ([`AuditConfig::max_total_bytes`]) limits.
+    pub rotated_bytes: u64,
+}
+
+/// [`AuditLog::disk_usage`] for `dir`.
+pub fn disk_usage(dir: &Path) -> std::io::Result<DiskUsage> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path holds a NUL byte"))?;
+    // SAFETY: `path` is NUL-terminated and `stat` is a plain C struct that statvfs fills in.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let frsize = stat.f_frsize as u64;
+    let mut usage = DiskUsage {
+        free_bytes: (stat.f_bavail as u64).saturating_mul(frsize),
+        filesystem_bytes: (stat.f_blocks as u64).saturating_mul(frsize),
+        ..DiskUsage::default()
+    };
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        // A file removed meanwhile (rotation's temporary file, pruning) counts as gone.
+        let Ok(meta) = entry.metadata() else { continue };
+        if !meta.is_file() {
+            continue;
+        }
+        usage.dir_bytes += meta.len();
+        if entry.file_name().to_str().and_then(files::parse_rotated_name).is_some() {
+            usage.rotated_bytes += meta.len();
+        }
+    }
+    Ok(usage)
+}
+
 #[derive(Default)]
 pub(crate) struct Counters {
     records: AtomicU64,
@@ -318,6 +371,8 @@ pub(crate) struct Counters {
     rotations: AtomicU64,
     failed_batches: AtomicU64,
     pruned_files: AtomicU64,
+    /// The last group commit failed (cleared by the next one that succeeds).
+    failing: AtomicBool,
 }
 
 impl Counters {
@@ -453,6 +508,26 @@ impl AuditLog {
     /// Counters since open (group-commit batches, checkpoints, …).
     pub fn stats(&self) -> AuditStats {
         self.inner.stats.snapshot()
+    }
+
+    /// Whether the log can take records now: `Err` names why not (the writer thread has stopped,
+    /// or its last group commit failed: requests are being refused, fail closed).
+    pub fn health(&self) -> Result<(), String> {
+        if self.inner.tx.is_none() || self.inner.thread.as_ref().is_none_or(|t| t.is_finished()) {
+            return Err("the audit writer has stopped".into());
+        }
+        if self.inner.stats.failing.load(Ordering::Relaxed) {
+            return Err("the last audit commit failed (see the server log); requests are refused until one \
+                        succeeds"
+                .into());
+        }
+        Ok(())
+    }
+
+    /// The log's disk footprint and its filesystem's free space (blocking: a `statvfs` and a
+    /// directory listing).
+    pub fn disk_usage(&self) -> std::io::Result<DiskUsage> {
+        disk_usage(&self.inner.dir)
     }
 
     /// Answers from the index (SQLite postings over blocks of records), never a scan of all records, and reads

@@ -114,6 +114,7 @@ pub(crate) struct Writer {
     max_file_bytes: u64,
     max_file_age: Duration,
     retention: Option<Duration>,
+    max_total_bytes: Option<u64>,
     checkpoint_every: u64,
     checkpoint_interval: Duration,
     max_batch: usize,
@@ -481,6 +482,7 @@ impl Writer {
             max_file_bytes: cfg.max_file_bytes,
             max_file_age: cfg.max_file_age,
             retention: cfg.retention,
+            max_total_bytes: cfg.max_total_bytes,
             checkpoint_every: cfg.checkpoint_every,
             checkpoint_interval: cfg.checkpoint_interval,
             max_batch: cfg.max_batch,
@@ -1106,32 +1108,54 @@ impl Writer {
         Ok(())
     }
 
-    /// Deletes the oldest rotated files whose newest record is older than the retention, after
-    /// a signed checkpoint has recorded `prunedThrough`.
+    /// Deletes the oldest rotated files whose newest record is older than the retention, and
+    /// then, while the rotated files together exceed `max_total_bytes`, the oldest of the rest;
+    /// always whole files, in chain order, and only after a signed checkpoint has recorded
+    /// `prunedThrough` (so `verify` tells pruning from deletion). The active file is never
+    /// pruned.
     fn prune(&mut self) -> Result<(), AuditError> {
-        let Some(retention) = self.retention else { return Ok(()) };
-        let Some(cutoff) = SystemTime::now().checked_sub(retention) else { return Ok(()) };
-        let cutoff = unix_us(cutoff);
+        let cutoff = self.retention.and_then(|r| SystemTime::now().checked_sub(r)).map(unix_us);
+        if cutoff.is_none() && self.max_total_bytes.is_none() {
+            return Ok(());
+        }
+        let rotated = list_rotated(&self.dir).map_err(|e| io_err("list", &self.dir, e))?;
+        let mut sizes = Vec::with_capacity(rotated.len());
+        for (_, _, path) in &rotated {
+            sizes.push(fs::metadata(path).map_err(|e| io_err("stat", path, e))?.len());
+        }
+        let mut total: u64 = sizes.iter().sum();
         let mut doomed = Vec::new();
         let mut through = self.pruned_through;
-        let reader = index::open_reader(&self.dir.join(INDEX))?;
-        for (_, last, path) in list_rotated(&self.dir).map_err(|e| io_err("list", &self.dir, e))? {
+        let mut over_size = 0usize;
+        let mut reader = None;
+        for ((_, last, path), size) in rotated.into_iter().zip(sizes) {
             if last > self.last_seq {
                 break;
             }
             if last > self.pruned_through {
-                let newest = match index::time_of(&reader, last)? {
-                    Some(t) => t,
-                    None => fs::metadata(&path)
-                        .and_then(|m| m.modified())
-                        .map(unix_us)
-                        .map_err(|e| io_err("stat", &path, e))?,
-                };
-                if newest >= cutoff {
-                    break;
+                let too_big = self.max_total_bytes.is_some_and(|max| total > max);
+                if !too_big {
+                    let Some(cutoff) = cutoff else { break };
+                    let reader = match &reader {
+                        Some(r) => r,
+                        None => reader.insert(index::open_reader(&self.dir.join(INDEX))?),
+                    };
+                    let newest = match index::time_of(reader, last)? {
+                        Some(t) => t,
+                        None => fs::metadata(&path)
+                            .and_then(|m| m.modified())
+                            .map(unix_us)
+                            .map_err(|e| io_err("stat", &path, e))?,
+                    };
+                    if newest >= cutoff {
+                        break;
+                    }
+                } else {
+                    over_size += 1;
                 }
                 through = last;
             }
+            total = total.saturating_sub(size);
             doomed.push(path);
         }
         if through > self.pruned_through {
@@ -1153,6 +1177,17 @@ impl Writer {
             sync_dir(&self.dir).map_err(|e| io_err("fsync", &self.dir, e))?;
             tracing::info!(files = doomed.len(), through, "audit: retention pruned rotated files");
         }
+        if over_size > 0 {
+            // Records leave before their age: an operator should know the bound is what keeps
+            // the log, and ship the files off the host if they must be kept longer.
+            tracing::warn!(
+                files = over_size,
+                through,
+                max_total_bytes = self.max_total_bytes,
+                "audit: the size bound pruned rotated files before their retention age; records through \
+                 seq {through} are gone from this host"
+            );
+        }
         Ok(())
     }
 
@@ -1169,14 +1204,20 @@ impl Writer {
             && self.rotate_after.is_none_or(|t| now >= t)
         {
             match self.rotate() {
-                Ok(()) => self.rotate_after = None,
+                Ok(()) => {
+                    self.rotate_after = None;
+                    // A rotation is what grows the rotated files: apply the size bound now.
+                    if self.max_total_bytes.is_some() {
+                        self.next_prune = now;
+                    }
+                }
                 Err(e) => {
                     tracing::error!("audit: rotation failed (will retry): {e}");
                     self.rotate_after = Some(now + ROTATE_RETRY);
                 }
             }
         }
-        if self.retention.is_some() && now >= self.next_prune {
+        if (self.retention.is_some() || self.max_total_bytes.is_some()) && now >= self.next_prune {
             self.next_prune = now + PRUNE_EVERY;
             if let Err(e) = self.prune() {
                 tracing::error!("audit: retention failed: {e}");
@@ -1196,7 +1237,7 @@ impl Writer {
             let rotate = now + self.max_file_age.saturating_sub(age);
             at = at.min(self.rotate_after.map_or(rotate, |t| rotate.max(t)));
         }
-        if self.retention.is_some() {
+        if self.retention.is_some() || self.max_total_bytes.is_some() {
             at = at.min(self.next_prune);
         }
         at
@@ -1306,6 +1347,7 @@ impl Writer {
                 if result.is_err() && count > 0 {
                     self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
                 }
+                self.stats.failing.store(result.is_err(), Ordering::Relaxed);
                 if let Err(e) = &result {
                     tracing::error!("audit: {count} record(s) not written, requests fail closed: {e}");
                 }

@@ -584,9 +584,14 @@ async fn a_full_disk_fails_closed_and_recovers_when_space_frees_up() {
         results.push(h.await.unwrap());
     }
     assert!(results.iter().all(|r| r.is_err()), "acknowledged on a full disk: {results:?}");
+    // Readiness reports it (the server's /readyz answers 503).
+    assert!(log.health().unwrap_err().contains("last audit commit failed"));
+    let usage = log.disk_usage().unwrap();
+    assert!(usage.free_bytes < 64 * 1024, "{usage:?}");
 
     fs::remove_file(filler).unwrap();
     let next = log.record(event(300)).await.unwrap();
+    assert_eq!(log.health(), Ok(()));
     assert_eq!(next, acked.last().unwrap() + 1, "failed records consume no seq");
     acked.push(next);
     let all = query_all(&log, AuditQuery::default()).await;
@@ -736,6 +741,52 @@ async fn retention_prunes_old_files_and_the_rest_still_verifies() {
     fs::remove_file(copy.path().join(log_files(copy.path())[0].file_name().unwrap())).unwrap();
     let report = verify(copy.path(), &verify_key(dir, &key));
     assert_eq!(report.problems[0].kind, ProblemKind::Deleted, "{}", show(&report));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn size_bound_prunes_the_oldest_rotated_files_and_the_rest_still_verifies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let key = generate_signing_key().unwrap();
+    let mut cfg = config(dir, &key);
+    cfg.max_file_bytes = 4000;
+    cfg.max_total_bytes = Some(12_000);
+    let rotated_bytes = |dir: &Path| -> u64 {
+        log_files(dir)
+            .iter()
+            .filter(|p| p.file_name().is_some_and(|n| n != "audit.jsonl"))
+            .map(|p| fs::metadata(p).unwrap().len())
+            .sum()
+    };
+    let log = AuditLog::open(cfg.clone()).unwrap();
+    for i in 1..=300 {
+        log.record(event(i)).await.unwrap();
+    }
+    log.flush_checkpoint().await.unwrap();
+    assert!(log.health().is_ok());
+    // The newest records stay, the oldest are gone, and what is left verifies, pruning noted.
+    let kept = seqs(&query_all(&log, AuditQuery::default()).await);
+    assert!(kept.first().unwrap() > &1 && kept.last() == Some(&300), "{:?}", kept.first());
+    let report = verify(dir, &log.public_key_pem());
+    assert!(report.ok, "{}", show(&report));
+    assert!(report.notes.iter().any(|n| n.contains("pruned")), "{}", show(&report));
+    let stats = log.stats();
+    // Closed, the writer is not between a rotation and the pruning that follows it.
+    drop(log);
+    assert!(stats.rotations > 6, "{stats:?}");
+    assert!(stats.pruned_files > 0, "nothing pruned: {stats:?}");
+    assert!(rotated_bytes(dir) <= 12_000, "rotated files hold {} bytes", rotated_bytes(dir));
+    let usage = coffer_audit::disk_usage(dir).unwrap();
+    assert_eq!(usage.rotated_bytes, rotated_bytes(dir));
+    assert!(usage.dir_bytes > usage.rotated_bytes && usage.free_bytes > 0 && usage.filesystem_bytes > 0);
+    // Reopened without the bound, nothing more goes.
+    cfg.max_total_bytes = None;
+    let files = log_files(dir).len();
+    let log = AuditLog::open(cfg).unwrap();
+    log.record(event(301)).await.unwrap();
+    log.flush_checkpoint().await.unwrap();
+    assert_eq!(log.stats().pruned_files, 0);
+    assert!(log_files(dir).len() >= files);
 }
 
 fn verify_key(_dir: &Path, key: &Zeroizing<Vec<u8>>) -> String {

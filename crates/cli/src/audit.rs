@@ -151,6 +151,10 @@ pub async fn run(cmd: AuditCommand) -> Result<()> {
                 report.checkpoints,
                 report.files.len()
             );
+            // E.g. how far retention or the size bound pruned: what the oldest file starts after.
+            for note in &report.notes {
+                eprintln!("note: {note}");
+            }
             if report.ok {
                 println!("audit log verified: OK");
                 return Ok(());

@@ -70,6 +70,14 @@ pub struct ServerSettings {
     /// Rotate the audit file beyond this size (default 4 MiB).
     #[arg(long, env = "COFFER_AUDIT_MAX_FILE_MIB")]
     audit_max_file_mib: Option<u64>,
+    /// Prune the oldest rotated audit files while they together exceed this many MiB (default:
+    /// no size bound); pruning is signed, `coffer audit verify` still passes.
+    #[arg(long, env = "COFFER_AUDIT_MAX_TOTAL_MIB")]
+    audit_max_total_mib: Option<u64>,
+    /// Warn (once a minute) and answer /readyz with 503 when the audit filesystem has less
+    /// free space than this many MiB (default 256).
+    #[arg(long, env = "COFFER_AUDIT_MIN_FREE_MIB")]
+    audit_min_free_mib: Option<u64>,
     /// Size of the audit commit journal, a preallocated file that makes each group commit
     /// durable with one fsync (default 8 MiB; 0 turns it off).
     #[arg(long, env = "COFFER_AUDIT_JOURNAL_MIB")]
@@ -151,6 +159,8 @@ impl ServerSettings {
             audit_stdout: self.audit_stdout,
             audit_retention_days: self.audit_retention_days,
             audit_max_file_mib: self.audit_max_file_mib,
+            audit_max_total_mib: self.audit_max_total_mib,
+            audit_min_free_mib: self.audit_min_free_mib,
             audit_journal_mib: self.audit_journal_mib,
             header_timeout_secs: self.header_timeout_secs,
             body_timeout_secs: self.body_timeout_secs,

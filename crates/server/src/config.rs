@@ -40,6 +40,12 @@ pub struct FileConfig {
     pub audit_stdout: Option<bool>,
     pub audit_retention_days: Option<u64>,
     pub audit_max_file_mib: Option<u64>,
+    /// Bound on the rotated audit files together, in MiB (default: none); past it the oldest
+    /// are pruned like retention does (signed, `verify` still passes).
+    pub audit_max_total_mib: Option<u64>,
+    /// Free space on the audit filesystem below which the server warns (once a minute) and
+    /// `/readyz` answers 503, in MiB (default 256).
+    pub audit_min_free_mib: Option<u64>,
     /// Size of the audit commit journal in MiB (default 8; 0 turns it off: each group commit
     /// then fsyncs the growing audit file).
     pub audit_journal_mib: Option<u64>,
@@ -99,6 +105,8 @@ impl FileConfig {
             audit_stdout: other.audit_stdout.or(self.audit_stdout),
             audit_retention_days: other.audit_retention_days.or(self.audit_retention_days),
             audit_max_file_mib: other.audit_max_file_mib.or(self.audit_max_file_mib),
+            audit_max_total_mib: other.audit_max_total_mib.or(self.audit_max_total_mib),
+            audit_min_free_mib: other.audit_min_free_mib.or(self.audit_min_free_mib),
             audit_journal_mib: other.audit_journal_mib.or(self.audit_journal_mib),
             header_timeout_secs: other.header_timeout_secs.or(self.header_timeout_secs),
             body_timeout_secs: other.body_timeout_secs.or(self.body_timeout_secs),
@@ -233,6 +241,10 @@ pub struct AuditSettings {
     pub stdout: bool,
     pub retention_days: Option<u64>,
     pub max_file_mib: u64,
+    /// Bound on the rotated files together; `None`: by age only.
+    pub max_total_mib: Option<u64>,
+    /// Warn and report not ready below this much free space on the audit filesystem.
+    pub min_free_mib: u64,
     /// The commit journal's size; 0: none.
     pub journal_mib: u64,
 }
@@ -251,12 +263,21 @@ impl AuditSettings {
                 "audit_journal_mib is {journal_mib}: use 0 (no journal) to 1024"
             )));
         }
+        if file.audit_max_total_mib == Some(0) {
+            return Err(ConfigError::Invalid(
+                "audit_max_total_mib must be at least 1 (leave it unset for no size bound)".into(),
+            ));
+        }
+        // Past 2^44 MiB the byte count overflows; nobody has that disk.
+        let min_free_mib = file.audit_min_free_mib.unwrap_or(256).min(1 << 44);
         Ok(Self {
             enabled: file.audit.unwrap_or(true),
             dir: file.audit_dir.clone(),
             stdout: file.audit_stdout.unwrap_or(false),
             retention_days: file.audit_retention_days,
             max_file_mib,
+            max_total_mib: file.audit_max_total_mib.map(|m| m.min(1 << 44)),
+            min_free_mib,
             journal_mib,
         })
     }
@@ -537,5 +558,18 @@ mod tests {
         assert!(err.to_string().contains("audit_journal_mib"), "{err}");
         let file: FileConfig = toml::from_str("audit_journal_mib = 2\n").unwrap();
         assert_eq!(ServerConfig::resolve(Mode::Dev, file, no_prompt).unwrap().audit.journal_mib, 2);
+    }
+
+    #[test]
+    fn audit_disk_bounds_have_defaults_and_zero_total_is_refused() {
+        let defaults = ServerConfig::resolve(Mode::Dev, FileConfig::default(), no_prompt).unwrap();
+        assert_eq!((defaults.audit.max_total_mib, defaults.audit.min_free_mib), (None, 256));
+        let file: FileConfig =
+            toml::from_str("audit_max_total_mib = 512\naudit_min_free_mib = 1024\n").unwrap();
+        let set = ServerConfig::resolve(Mode::Dev, file, no_prompt).unwrap();
+        assert_eq!((set.audit.max_total_mib, set.audit.min_free_mib), (Some(512), 1024));
+        let zero = FileConfig { audit_max_total_mib: Some(0), ..Default::default() };
+        let err = ServerConfig::resolve(Mode::Dev, zero, no_prompt).unwrap_err();
+        assert!(err.to_string().contains("audit_max_total_mib"), "{err}");
     }
 }

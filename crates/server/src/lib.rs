@@ -12,6 +12,7 @@ pub mod config;
 pub mod directory;
 pub mod events;
 pub mod files;
+pub mod health;
 pub mod keyring;
 pub mod outbound;
 pub mod replay;
@@ -297,6 +298,10 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> a
             config.connections.principal_requests.0,
             config.connections.principal_requests.1,
         ),
+        health: health::Health::new(
+            config.audit.min_free_mib * 1024 * 1024,
+            config.audit.max_total_mib.map(|m| m * 1024 * 1024),
+        ),
     });
     if let (Some(agent), Some(listener), Some(identity_header)) = (dev_agent, agent_listener, identity_header)
     {
@@ -313,6 +318,7 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> a
     }
     spawn_purger(state.clone(), shutdown.clone());
     spawn_burst_recorder(state.clone(), shutdown.clone());
+    health::spawn_disk_alarm(state.clone(), shutdown.clone());
     events::spawn_dispatcher(state.clone(), &config.data_dir, shutdown.clone());
     rotation::spawn_rotator(state.clone(), shutdown.clone());
     let app = api::router(state.clone());
@@ -401,6 +407,7 @@ async fn audit_config(core: &Core) -> anyhow::Result<(coffer_audit::AuditConfig,
     config.max_file_bytes = settings.max_file_mib * 1024 * 1024;
     config.journal_bytes = settings.journal_mib * 1024 * 1024;
     config.retention = settings.retention_days.map(|d| Duration::from_secs(d * 86_400));
+    config.max_total_bytes = settings.max_total_mib.map(|m| m * 1024 * 1024);
     Ok((config, dir))
 }
 

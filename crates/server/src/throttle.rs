@@ -158,6 +158,8 @@ pub struct FailureThrottle {
     rate: f64,
     burst: f64,
     clients: Mutex<HashMap<IpAddr, Allowance>>,
+    /// Every refusal since start, for the metrics.
+    refused_total: std::sync::atomic::AtomicU64,
 }
 
 /// Client addresses tracked at most; past that, clients with a full bucket and no open burst
@@ -170,35 +172,44 @@ impl FailureThrottle {
             rate: f64::from(rate_per_sec.max(1)),
             burst: f64::from(burst.max(1)),
             clients: Mutex::default(),
+            refused_total: Default::default(),
         }
+    }
+
+    /// Requests refused (429) since start.
+    pub fn refused_total(&self) -> u64 {
+        self.refused_total.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn counted(&self, result: Result<(), Duration>) -> Result<(), Duration> {
+        if result.is_err() {
+            self.refused_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        result
     }
 
     /// Spends one failure of `ip`'s allowance; when none is left, counts a refusal and returns
     /// how long until one is.
     pub fn charge(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
-        self.with_client(ip, now, |client, rate| {
+        self.counted(self.with_client(ip, now, |client, rate| {
             if client.tokens >= 1.0 {
                 client.tokens -= 1.0;
                 Ok(())
             } else {
                 Err(refuse(client, rate, now))
             }
-        })
+        }))
     }
 
     /// Like [`FailureThrottle::charge`] without spending: for requests refused up front.
     pub fn check(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
-        self.with_client(
-            ip,
-            now,
-            |client, rate| {
-                if client.tokens >= 1.0 {
-                    Ok(())
-                } else {
-                    Err(refuse(client, rate, now))
-                }
-            },
-        )
+        self.counted(self.with_client(ip, now, |client, rate| {
+            if client.tokens >= 1.0 {
+                Ok(())
+            } else {
+                Err(refuse(client, rate, now))
+            }
+        }))
     }
 
     /// The bursts that are over (no refusal for `quiet`) or have lasted `max_age` (recorded in
@@ -301,6 +312,8 @@ mod failure_tests {
         assert_eq!(bursts.len(), 1);
         assert_eq!((bursts[0].0, bursts[0].1.count), (a, 2));
         assert!(throttle.take_bursts(later, Duration::from_secs(2), Duration::from_secs(10)).is_empty());
+        // The metrics' counter keeps every refusal, recorded or not.
+        assert_eq!(throttle.refused_total(), 2);
     }
 
     #[test]

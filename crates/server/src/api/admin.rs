@@ -148,6 +148,29 @@ async fn handle_inner(
         note.operation = "HealthCheck";
         return ok(StatusCode::OK, &serde_json::json!({ "status": "ok" }));
     }
+    if req.uri().path() == "/readyz" {
+        note.operation = "ReadinessCheck";
+        let r = crate::health::readiness(state).await;
+        let status = if r.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        return ok(status, &r.body);
+    }
+    if req.uri().path() == "/metrics" {
+        // Audit readers only: the audit disk's headroom tells a flooding client how close it is
+        // to making the fail-closed audit refuse everyone. Prometheus authenticates with the
+        // client-credentials grant (its `oauth2` scrape setting) against the token service.
+        note.operation = "MetricsRead";
+        let principal = authenticate(state, req.headers(), note).await?;
+        allow(state, &principal, Action::AuditRead, Resource::Server)?;
+        if req.method() != Method::GET {
+            return Err(ApiError::method_not_allowed());
+        }
+        let mut response = crate::health::metrics_text(state).await.into_response();
+        response.headers_mut().insert(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        return Ok(response);
+    }
     {
         let path = req.uri().path().trim_end_matches('/');
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();

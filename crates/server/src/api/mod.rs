@@ -63,6 +63,8 @@ pub struct AppState {
     pub failures: crate::throttle::FailureThrottle,
     /// The allowance of requests per authenticated principal.
     pub principal_limits: crate::throttle::PrincipalThrottle,
+    /// The audit disk's bounds and alarm, for `/readyz` and `/metrics`.
+    pub health: crate::health::Health,
 }
 
 impl AppState {
@@ -186,10 +188,12 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response 
         uuid::Builder::from_random_bytes(rand::Rng::gen(&mut rand::thread_rng())).into_uuid().to_string();
     let client_ip = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
     let user_agent = req.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let health_check = req.uri().path() == "/healthz";
     let host = request_host(&req);
     let mut note = AuditNote::default();
     let target = target(&state.zone, host.as_deref());
+    // Probes are not audited (a load balancer asks every few seconds); only on the zone's own
+    // host, so that no path makes a request to a vault or the token service unaudited.
+    let health_check = matches!(target, Target::Root) && matches!(req.uri().path(), "/healthz" | "/readyz");
     let login = matches!(target, Target::Login);
     // The token service reads bodies and runs Argon2 before it can tell a failure: a client
     // that has spent its allowance of failures is refused before any of that.
