@@ -166,7 +166,7 @@ pub(crate) fn parse_line(line: &[u8]) -> Kind {
     parse_line_slow(line)
 }
 
-fn parse_line_slow(line: &[u8]) -> Kind {
+pub(crate) fn parse_line_slow(line: &[u8]) -> Kind {
     let value: Value = match serde_json::from_slice(line) {
         Ok(v @ Value::Object(_)) => v,
         Ok(_) => return Kind::Bad { reason: "not a JSON object".into(), seq_guess: guess_seq(line) },

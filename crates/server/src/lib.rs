@@ -12,6 +12,13 @@ pub mod config;
 pub mod directory;
 pub mod events;
 pub mod files;
+/// Entry points for the fuzz targets in `fuzz/` (see `fuzz/README.md`): the parsers the server
+/// runs on untrusted input, unchanged. Not an API; nothing else calls them.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::api::fuzzing::*;
+    pub use crate::vaults::backup_fuzzing;
+}
 pub mod keyring;
 pub mod rotation;
 pub mod serve;

@@ -29,6 +29,14 @@ use coffer_store::Store;
 pub use error::ApiError;
 pub use identity::FederationKeys;
 
+/// The parsers the handlers run on what the network sends, for the fuzz targets in `fuzz/`
+/// (re-exported by `crate::fuzzing`). Not an API: nothing else calls them.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::identity::{parse_form, peek_assertion};
+    pub use super::keyvault::{parse_bodies, routed_secret};
+}
+
 use crate::directory::Directory;
 use crate::keyring::Keyring;
 use crate::tokens::TokenAuthority;
