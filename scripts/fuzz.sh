@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Fuzzes Coffer's parsers of untrusted input with cargo-fuzz (libFuzzer); see fuzz/README.md.
+#
+# Usage: scripts/fuzz.sh                  every target for COFFER_FUZZ_SECS seconds each (default 5):
+#                                         the step of scripts/test.sh
+#        scripts/fuzz.sh TARGET [SECS]    one target, for SECS seconds (default 600)
+#        scripts/fuzz.sh --list           the targets
+#
+# Fails on any crash (the input is kept in fuzz/artifacts/TARGET/: make it a regression test).
+# Needs a nightly compiler, or stable with RUSTC_BOOTSTRAP=1 (tried when nightly is missing);
+# with neither, or without cargo-fuzz and no network to install it, it says so loudly and exits 0
+# (so an offline CI does not fail), unless COFFER_FUZZ_REQUIRED=1.
+# COFFER_FUZZ_SANITIZER=address builds with AddressSanitizer (slower; default none: the code is
+# safe Rust, and the C code linked in, SQLite, is not what the targets reach).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root=$PWD
+
+skip() {
+  printf '\n!!! FUZZING SKIPPED: %s\n!!! The fuzz targets did NOT run. %s\n\n' "$1" "$2" >&2
+  if [ "${COFFER_FUZZ_REQUIRED:-0}" = 1 ]; then exit 1; fi
+  exit 0
+}
+
+targets=$(sed -n 's/^name = "\([a-z_]*\)"$/\1/p' fuzz/Cargo.toml | grep -v '^coffer-fuzz$')
+if [ "${1:-}" = --list ]; then echo "$targets"; exit 0; fi
+
+# cargo-fuzz, pinned, in the git-ignored .cache/.
+cargo_fuzz_version=0.13.2
+fuzz_root="$root/.cache/cargo-fuzz"
+if ! "$fuzz_root/bin/cargo-fuzz" --version 2>/dev/null | grep -qx "cargo-fuzz $cargo_fuzz_version"; then
+  echo "installing cargo-fuzz $cargo_fuzz_version into .cache/cargo-fuzz"
+  CARGO_TARGET_DIR="$fuzz_root/build" cargo install --locked --quiet cargo-fuzz \
+    --version "$cargo_fuzz_version" --root "$fuzz_root" ||
+    skip "cargo-fuzz could not be installed (offline?)." "Install it: cargo install cargo-fuzz --root .cache/cargo-fuzz"
+fi
+export PATH="$fuzz_root/bin:$PATH"
+
+# libFuzzer's instrumentation needs unstable compiler flags: nightly, else stable unlocked.
+if rustup run nightly rustc --version >/dev/null 2>&1; then
+  toolchain=(+nightly)
+else
+  toolchain=()
+  export RUSTC_BOOTSTRAP=1
+  echo "no nightly toolchain: building the fuzz targets with $(rustc --version) and RUSTC_BOOTSTRAP=1"
+fi
+
+flags=(-s "${COFFER_FUZZ_SANITIZER:-none}" --debug-assertions)
+cd fuzz
+if [ $# -ge 1 ]; then
+  grep -qx "$1" <<<"$targets" || { echo "error: no fuzz target '$1'; scripts/fuzz.sh --list"; exit 2; }
+  run_targets=$1
+  secs=${2:-600}
+else
+  run_targets=$targets
+  secs=${COFFER_FUZZ_SECS:-5}
+fi
+
+cargo "${toolchain[@]}" fuzz build "${flags[@]}" ||
+  { [ ${#toolchain[@]} -eq 0 ] && skip "the fuzz targets do not build with RUSTC_BOOTSTRAP=1 on stable." \
+      "Install nightly: rustup toolchain install nightly --profile minimal"; exit 1; }
+
+log_dir="${CARGO_TARGET_DIR:-target}/fuzz-logs"
+mkdir -p "$log_dir"
+for target in $run_targets; do
+  mkdir -p "corpus/$target"
+  log="$log_dir/$target.log"
+  # New inputs go to corpus/ (git-ignored); seeds/ holds the checked-in starting points.
+  if ! cargo "${toolchain[@]}" fuzz run "${flags[@]}" "$target" "corpus/$target" "seeds/$target" -- \
+    -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1; then
+    tail -n 60 "$log" >&2
+    echo "error: fuzz target $target failed; the input is in fuzz/artifacts/$target/ (full log: $log)" >&2
+    echo "reproduce: cd fuzz && cargo ${toolchain[*]} fuzz run ${flags[*]} $target artifacts/$target/<file>" >&2
+    exit 1
+  fi
+  runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
+  rss=$(sed -n 's/^stat::peak_rss_mb: *//p' "$log")
+  echo "$target: ${secs}s, ${runs:-?} inputs, no crash (peak ${rss:-?} MB)"
+done
+echo "fuzz targets ran without a crash: $(wc -w <<<"$run_targets") target(s), ${secs}s each"
