@@ -4,7 +4,8 @@
 #   - the official Azure SDKs: Python packages into .cache/compat-venv, npm packages into
 #     tests/compat/js/node_modules (exact pinned versions),
 # then: format and lint checks, the Rust unit and integration tests (which run the real binary,
-# including a kill -9 crash test), and the official-SDK compatibility suites against a dev server.
+# including a kill -9 crash test), the official-SDK compatibility suites against a dev server, and
+# a few seconds of each fuzz target (scripts/fuzz.sh, which installs cargo-fuzz into .cache/).
 #
 # Usage: scripts/test.sh            (from anywhere; needs root for the private mount namespace
 #                                    that maps *.localhost in the compat suites)
@@ -38,6 +39,9 @@ bin="${CARGO_TARGET_DIR:-target}/debug/coffer"
 
 step "official Azure SDK compatibility suites"
 bash tests/compat/run.sh "$bin"
+
+step "fuzz targets, ${COFFER_FUZZ_SECS:-5}s each (longer: scripts/fuzz.sh TARGET SECONDS)"
+scripts/fuzz.sh
 
 echo
 echo "all Coffer tests passed"
