@@ -424,6 +424,14 @@ pub fn routed_secret(method: &Method, path: &str) -> Result<Option<(SecretName, 
     route.secret().map(|raw| secret_name(raw).map(|name| (name, version))).transpose()
 }
 
+/// The query checks a request passes before it runs: `api-version` (every request), then the
+/// paging parameters (lists): the page size and decoded `$skiptoken`. For the fuzz targets.
+pub fn checked_query(query: &str) -> Result<(usize, Option<String>), ApiError> {
+    let pairs = super::parse_query(query);
+    check_api_version(query_value(&pairs, "api-version"))?;
+    page_params(&pairs)
+}
+
 /// Parses `body` as the set, update and restore handlers do (in that order), keeping only the
 /// outcome: the error is what the client would be told. For the fuzz targets.
 pub fn parse_bodies(body: &[u8]) -> [Result<(), ApiError>; 3] {

@@ -34,7 +34,7 @@ pub use identity::FederationKeys;
 #[doc(hidden)]
 pub mod fuzzing {
     pub use super::identity::{parse_form, peek_assertion};
-    pub use super::keyvault::{parse_bodies, routed_secret};
+    pub use super::keyvault::{checked_query, parse_bodies, routed_secret};
 }
 
 use crate::directory::Directory;
@@ -515,7 +515,11 @@ async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiErr
 
 /// Parses the query string (keys and values percent-decoded; the JS SDK encodes `api%2Dversion`).
 fn query_pairs(req: &Request) -> Vec<(String, String)> {
-    req.uri().query().map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default()
+    req.uri().query().map(parse_query).unwrap_or_default()
+}
+
+fn parse_query(query: &str) -> Vec<(String, String)> {
+    form_urlencoded::parse(query.as_bytes()).into_owned().collect()
 }
 
 fn query_value<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
