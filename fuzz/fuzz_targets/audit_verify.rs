@@ -19,6 +19,15 @@ fn fixture() -> &'static (tempfile::TempDir, String) {
     })
 }
 
+fn has_float(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Number(n) => n.is_f64(),
+        serde_json::Value::Array(items) => items.iter().any(has_float),
+        serde_json::Value::Object(map) => map.values().any(has_float),
+        _ => false,
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let (lines, torn) = parse_lines(data);
     let mut next = 0;
@@ -33,7 +42,11 @@ fuzz_target!(|data: &[u8]| {
     }
     assert_eq!(torn, (next < data.len()).then_some((next, data.len())));
 
-    if let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) {
+    // Floats excepted: serde_json reads them to within one ULP, not exactly, so they need not
+    // print back the same; hashes cover stored bytes, never a re-serialization (files.rs test
+    // `a_record_hash_covers_its_bytes_not_a_reserialization`).
+    let value = serde_json::from_slice::<serde_json::Value>(data).ok().filter(|v| !has_float(v));
+    if let Some(value) = value {
         let once = canonical(&value);
         let reread: serde_json::Value = serde_json::from_slice(&once).expect("canonical JSON parses");
         assert_eq!(canonical(&reread), once, "canonical JSON is a fixed point");
