@@ -3,10 +3,11 @@
 #   - rustfmt and clippy (rustup components),
 #   - the official Azure SDKs: Python packages into .cache/compat-venv, npm packages into
 #     tests/compat/js/node_modules (exact pinned versions),
-#   - cargo-deny into ~/.cache/coffer-tools, once per machine (scripts/deny.sh),
+#   - cargo-deny and cargo-fuzz into ~/.cache/coffer-tools, once per machine (scripts/deny.sh,
+#     scripts/fuzz.sh),
 # then: format and lint checks, the supply-chain policy (deny.toml), the Rust unit and
-# integration tests (which run the real binary, including a kill -9 crash test), and the
-# official-SDK compatibility suites against a dev server.
+# integration tests (which run the real binary, including a kill -9 crash test), the
+# official-SDK compatibility suites against a dev server, and a few seconds of each fuzz target.
 #
 # Usage: scripts/test.sh            (from anywhere; needs root for the private mount namespace
 #                                    that maps *.localhost in the compat suites)
@@ -43,6 +44,9 @@ bin="${CARGO_TARGET_DIR:-target}/debug/coffer"
 
 step "official Azure SDK compatibility suites"
 bash tests/compat/run.sh "$bin"
+
+step "fuzz targets, ${COFFER_FUZZ_SECS:-5}s each (longer: scripts/fuzz.sh TARGET SECONDS)"
+scripts/fuzz.sh
 
 echo
 echo "all Coffer tests passed"

@@ -40,6 +40,55 @@ use zeroize::Zeroizing;
 pub use keys::{generate_signing_key, public_key_pem_from_pkcs8};
 pub use verify::{verify, verify_with_keys, Problem, ProblemKind, VerifyReport};
 
+/// The line parser and canonical writer that [`verify`] relies on, for the fuzz targets in
+/// `fuzz/` (see `fuzz/README.md`). Not an API: nothing else calls them.
+#[doc(hidden)]
+pub mod fuzzing {
+    use crate::files::{self, Kind};
+
+    /// One line of a log file as verify classifies it.
+    #[derive(Debug)]
+    pub struct Line {
+        /// 1-based line number.
+        pub line: u64,
+        /// Byte range of the line, without its newline.
+        pub start: usize,
+        pub end: usize,
+        /// `Some((seq, prevHash, hash stored, hash computed))` for a record.
+        pub record: Option<(u64, String, String, String)>,
+    }
+
+    /// The lines of a file and its torn tail (bytes after the last newline), as verify reads them.
+    pub fn parse_lines(bytes: &[u8]) -> (Vec<Line>, Option<(usize, usize)>) {
+        let parsed = files::parse_lines(bytes);
+        let lines = parsed
+            .entries
+            .into_iter()
+            .map(|e| Line {
+                line: e.line,
+                start: e.start,
+                end: e.end,
+                record: match e.kind {
+                    Kind::Rec(r) => Some((r.seq, r.prev, r.hash, r.computed)),
+                    _ => None,
+                },
+            })
+            .collect();
+        (lines, parsed.torn)
+    }
+
+    /// A line classified by the fast path verify takes first and by the general path alone:
+    /// they must agree.
+    pub fn classify_both_ways(line: &[u8]) -> (String, String) {
+        (format!("{:?}", files::parse_line(line)), format!("{:?}", files::parse_line_slow(line)))
+    }
+
+    /// The canonical JSON that records' hashes and checkpoints' signatures are computed over.
+    pub fn canonical(v: &serde_json::Value) -> Vec<u8> {
+        crate::canon::canonical(v)
+    }
+}
+
 /// Where and how the audit log is written.
 #[derive(Clone)]
 pub struct AuditConfig {

@@ -13,6 +13,13 @@ pub mod directory;
 pub mod events;
 pub mod files;
 pub mod health;
+/// Entry points for the fuzz targets in `fuzz/` (see `fuzz/README.md`): the parsers the server
+/// runs on untrusted input, unchanged. Not an API; nothing else calls them.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::api::fuzzing::*;
+    pub use crate::vaults::backup_fuzzing;
+}
 pub mod keyring;
 pub mod outbound;
 pub mod replay;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use base64::Engine;
-use coffer_core::crypto::{SealedValue, SecretValue, ValueLocation};
+use coffer_core::crypto::{Key, SealedValue, SecretValue, ValueLocation};
 use coffer_core::model::{
     validate_content_type, validate_tags, validate_value_len, Deletion, PropertiesPatch, RetentionPolicy,
     Tags, Timestamp, ValidationError, VersionAttributes, VersionProperties,
@@ -468,25 +468,12 @@ impl VaultService {
                 value: Zeroizing::new(value.expose().to_owned()),
             });
         }
-        let payload = BackupPayload { name: display, versions };
-        let plain =
-            Zeroizing::new(serde_json::to_vec(&payload).map_err(|e| ServiceError::Internal(e.to_string()))?);
-        let mut blob = BACKUP_MAGIC.to_vec();
-        blob.extend(self.keyring.backup_key().seal(BACKUP_AAD, &plain));
-        Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(blob))
+        seal_backup(self.keyring.backup_key(), &BackupPayload { name: display, versions })
     }
 
     /// Restores a backup into `vault`, re-encrypting every version for its new location.
     pub async fn restore(&self, vault: &Vault, blob: &str) -> Result<StoredVersion, ServiceError> {
-        let raw = decode_base64_any(blob).ok_or(ServiceError::BadBackup)?;
-        let sealed = raw.strip_prefix(BACKUP_MAGIC).ok_or(ServiceError::BadBackup)?;
-        let plain =
-            self.keyring.backup_key().open(BACKUP_AAD, sealed).map_err(|_| ServiceError::BadBackup)?;
-        let payload: BackupPayload = serde_json::from_slice(&plain).map_err(|_| ServiceError::BadBackup)?;
-        let name = SecretName::parse(&payload.name).map_err(|_| ServiceError::BadBackup)?;
-        if payload.versions.is_empty() {
-            return Err(ServiceError::BadBackup);
-        }
+        let (name, payload) = open_backup(self.keyring.backup_key(), blob)?;
         let key = name.key();
         let versions = payload
             .versions
@@ -506,6 +493,55 @@ impl VaultService {
     /// Purges soft-deleted secrets past their retention; run periodically.
     pub async fn purge_due(&self) -> Result<u64, ServiceError> {
         Ok(self.store.purge_due(now()).await?)
+    }
+}
+
+/// A backup blob: `CFBK1` then the payload's JSON sealed under the backup key, in base64url.
+fn seal_backup(backup_key: &Key, payload: &BackupPayload) -> Result<String, ServiceError> {
+    let plain =
+        Zeroizing::new(serde_json::to_vec(payload).map_err(|e| ServiceError::Internal(e.to_string()))?);
+    let mut blob = BACKUP_MAGIC.to_vec();
+    blob.extend(backup_key.seal(BACKUP_AAD, &plain));
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(blob))
+}
+
+/// Reads a backup blob (what a client sends to restore): `BadBackup` unless it was sealed by
+/// this backup key and holds a valid secret name with at least one version.
+fn open_backup(backup_key: &Key, blob: &str) -> Result<(SecretName, BackupPayload), ServiceError> {
+    let raw = decode_base64_any(blob).ok_or(ServiceError::BadBackup)?;
+    let sealed = raw.strip_prefix(BACKUP_MAGIC).ok_or(ServiceError::BadBackup)?;
+    let plain = backup_key.open(BACKUP_AAD, sealed).map_err(|_| ServiceError::BadBackup)?;
+    read_backup_payload(&plain)
+}
+
+/// The opened payload of a backup.
+fn read_backup_payload(plain: &[u8]) -> Result<(SecretName, BackupPayload), ServiceError> {
+    let payload: BackupPayload = serde_json::from_slice(plain).map_err(|_| ServiceError::BadBackup)?;
+    let name = SecretName::parse(&payload.name).map_err(|_| ServiceError::BadBackup)?;
+    if payload.versions.is_empty() {
+        return Err(ServiceError::BadBackup);
+    }
+    Ok((name, payload))
+}
+
+/// The backup reader and writer the service uses, for the fuzz targets (`crate::fuzzing`).
+#[doc(hidden)]
+pub mod backup_fuzzing {
+    use super::*;
+
+    /// Seals `plain` as a backup under `key`, so a target reaches the JSON reader behind the AEAD.
+    pub fn seal_raw(key: &Key, plain: &[u8]) -> String {
+        let mut blob = BACKUP_MAGIC.to_vec();
+        blob.extend(key.seal(BACKUP_AAD, plain));
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(blob)
+    }
+
+    /// Opens a blob as restore does: the name, the payload's JSON as read, and the payload
+    /// sealed again as backup would write it.
+    pub fn open(key: &Key, blob: &str) -> Result<(SecretName, String, String), ServiceError> {
+        let (name, payload) = open_backup(key, blob)?;
+        let json = serde_json::to_string(&payload).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        Ok((name, json, seal_backup(key, &payload)?))
     }
 }
 

@@ -212,8 +212,12 @@ fn openid_configuration(
 
 async fn form(req: Request) -> Result<Vec<(String, Zeroizing<String>)>, OAuthError> {
     let body = read_body(req.into_body(), 1024 * 1024).await.map_err(OAuthError::from_body)?;
-    let body = Zeroizing::new(body.to_vec());
-    Ok(form_urlencoded::parse(&body).map(|(k, v)| (k.into_owned(), Zeroizing::new(v.into_owned()))).collect())
+    Ok(parse_form(&Zeroizing::new(body.to_vec())))
+}
+
+/// Decodes an `application/x-www-form-urlencoded` body; values (credentials) are zeroized on drop.
+pub fn parse_form(body: &[u8]) -> Vec<(String, Zeroizing<String>)> {
+    form_urlencoded::parse(body).map(|(k, v)| (k.into_owned(), Zeroizing::new(v.into_owned()))).collect()
 }
 
 fn field<'a>(form: &'a [(String, Zeroizing<String>)], key: &str) -> Option<&'a str> {
@@ -455,6 +459,25 @@ fn assertion_validation(alg: Algorithm, issuer: &str, audiences: &[String], subj
     v
 }
 
+/// An assertion's header and issuer, read before any signature is checked: they pick the key to
+/// check it with. `Err` says what is wrong (for "The client assertion is not valid: …").
+pub fn peek_assertion(assertion: &str) -> Result<(jsonwebtoken::Header, String), &'static str> {
+    let header = jsonwebtoken::decode_header(assertion).map_err(|_| "it is not a JWT")?;
+    if !ASSERTION_ALGORITHMS.contains(&header.alg) {
+        return Err("its algorithm is not accepted");
+    }
+    let mut peek = Validation::new(header.alg);
+    peek.insecure_disable_signature_validation();
+    peek.validate_exp = false;
+    peek.validate_aud = false;
+    peek.required_spec_claims.clear();
+    let claims = jsonwebtoken::decode::<UnverifiedClaims>(assertion, &DecodingKey::from_secret(&[]), &peek)
+        .map_err(|_| "its claims cannot be read")?
+        .claims;
+    let issuer = claims.iss.ok_or("it has no issuer")?;
+    Ok((header, issuer))
+}
+
 /// A client assertion: signed with a registered certificate's key (`iss` = client id), or a
 /// federated token from an outside issuer trusted for this principal.
 async fn verify_assertion(
@@ -463,19 +486,7 @@ async fn verify_assertion(
     assertion: &str,
 ) -> Result<(), OAuthError> {
     let bad = |why: &str| OAuthError::invalid_client(format!("The client assertion is not valid: {why}."));
-    let header = jsonwebtoken::decode_header(assertion).map_err(|_| bad("it is not a JWT"))?;
-    if !ASSERTION_ALGORITHMS.contains(&header.alg) {
-        return Err(bad("its algorithm is not accepted"));
-    }
-    let mut peek = Validation::new(header.alg);
-    peek.insecure_disable_signature_validation();
-    peek.validate_exp = false;
-    peek.validate_aud = false;
-    peek.required_spec_claims.clear();
-    let claims = jsonwebtoken::decode::<UnverifiedClaims>(assertion, &DecodingKey::from_secret(&[]), &peek)
-        .map_err(|_| bad("its claims cannot be read"))?
-        .claims;
-    let issuer = claims.iss.ok_or_else(|| bad("it has no issuer"))?;
+    let (header, issuer) = peek_assertion(assertion).map_err(bad)?;
     if issuer == principal.client_id {
         return verify_certificate_assertion(state, principal, assertion, header.alg).await;
     }

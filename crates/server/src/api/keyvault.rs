@@ -204,11 +204,7 @@ async fn handle_inner(
         )
     })?;
     let watched = if route == Route::Changes { query_value(&pairs, "secret") } else { None };
-    let name = route
-        .secret()
-        .or(watched)
-        .map(|n| SecretName::parse(n).map_err(|e| ApiError::bad_parameter(e.to_string())))
-        .transpose()?;
+    let name = route.secret().or(watched).map(secret_name).transpose()?;
 
     // 2. Authorize: one decision per request, before any data is read or written.
     let resource = match &name {
@@ -241,12 +237,7 @@ async fn handle_inner(
         Route::Changes => watch_changes(state, &vault.record.name.to_string(), name_ref, &pairs).await,
         Route::Set(_) => {
             let name = name_ref.expect("set has a name");
-            let mut raw = body.to_vec();
-            let parsed: Result<SetBody, _> = serde_json::from_slice(&raw);
-            raw.zeroize();
-            let parsed = parsed.map_err(|e| {
-                ApiError::bad_parameter(format!("The request body is not valid: {}", redact_serde(&e)))
-            })?;
+            let parsed = parse_set_body(&body)?;
             let value =
                 parsed.value.ok_or_else(|| ApiError::bad_parameter("The secret value is required."))?;
             let attributes = parsed.attributes.unwrap_or_default();
@@ -410,6 +401,45 @@ fn bad_skiptoken() -> ApiError {
 /// message or a log.
 fn redact_serde(e: &serde_json::Error) -> String {
     format!("malformed JSON at line {} column {}", e.line(), e.column())
+}
+
+/// A set request's body; the copy serde reads from is zeroized, since it holds the value.
+fn parse_set_body(body: &[u8]) -> Result<SetBody, ApiError> {
+    let mut raw = body.to_vec();
+    let parsed: Result<SetBody, _> = serde_json::from_slice(&raw);
+    raw.zeroize();
+    parsed
+        .map_err(|e| ApiError::bad_parameter(format!("The request body is not valid: {}", redact_serde(&e))))
+}
+
+fn secret_name(raw: &str) -> Result<SecretName, ApiError> {
+    SecretName::parse(raw).map_err(|e| ApiError::bad_parameter(e.to_string()))
+}
+
+/// The secret and version a request addresses, read as `handle_inner` reads them (the route,
+/// then the name checked). For the fuzz targets (`crate::fuzzing`).
+pub fn routed_secret(method: &Method, path: &str) -> Result<Option<(SecretName, Option<String>)>, ApiError> {
+    let route = route(method, path)?;
+    let version = route.version().map(str::to_owned);
+    route.secret().map(|raw| secret_name(raw).map(|name| (name, version))).transpose()
+}
+
+/// The query checks a request passes before it runs: `api-version` (every request), then the
+/// paging parameters (lists): the page size and decoded `$skiptoken`. For the fuzz targets.
+pub fn checked_query(query: &str) -> Result<(usize, Option<String>), ApiError> {
+    let pairs = super::parse_query(query);
+    check_api_version(query_value(&pairs, "api-version"))?;
+    page_params(&pairs)
+}
+
+/// Parses `body` as the set, update and restore handlers do (in that order), keeping only the
+/// outcome: the error is what the client would be told. For the fuzz targets.
+pub fn parse_bodies(body: &[u8]) -> [Result<(), ApiError>; 3] {
+    [
+        parse_set_body(body).map(drop),
+        parse_json::<UpdateBody>(body).map(drop),
+        parse_json::<RestoreBody>(body).map(drop),
+    ]
 }
 
 fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {

@@ -29,6 +29,14 @@ use coffer_store::Store;
 pub use error::ApiError;
 pub use identity::FederationKeys;
 
+/// The parsers the handlers run on what the network sends, for the fuzz targets in `fuzz/`
+/// (re-exported by `crate::fuzzing`). Not an API: nothing else calls them.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::identity::{parse_form, peek_assertion};
+    pub use super::keyvault::{checked_query, parse_bodies, routed_secret};
+}
+
 use crate::directory::Directory;
 use crate::keyring::Keyring;
 use crate::tokens::TokenAuthority;
@@ -519,7 +527,11 @@ async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiErr
 
 /// Parses the query string (keys and values percent-decoded; the JS SDK encodes `api%2Dversion`).
 fn query_pairs(req: &Request) -> Vec<(String, String)> {
-    req.uri().query().map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default()
+    req.uri().query().map(parse_query).unwrap_or_default()
+}
+
+fn parse_query(query: &str) -> Vec<(String, String)> {
+    form_urlencoded::parse(query.as_bytes()).into_owned().collect()
 }
 
 fn query_value<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
