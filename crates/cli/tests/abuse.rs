@@ -201,7 +201,10 @@ async fn an_unauthenticated_flood_is_accounted_for_in_little_audit() {
     const CLIENTS: usize = 40;
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("data"), free_port(), &[]);
-    let http = http(&server);
+    // HTTP/1.1, one connection per flooding client (a flood's usual shape). Over HTTP/2, reqwest
+    // puts all 50,000 requests on one connection and the server's h2 layer ends it with GOAWAY
+    // ENHANCE_YOUR_CALM ("too_many_internal_resets") partway: a separate finding, in the notes.
+    let http = server.https_builder(&[]).http1_only().build().unwrap();
     let audit_dir = server.data_dir.join("audit");
     let before = dir_bytes(&audit_dir);
     let url = format!("https://localhost:{}/admin/vaults", server.port);
