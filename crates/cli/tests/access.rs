@@ -331,13 +331,7 @@ impl Harness {
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("{}/admin/{path}", self.root())).bearer_auth(token);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let r = req.send().await.unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        self.server.admin_request(&self.http, token, method, path, body).await
     }
 
     /// As the administrator; panics unless the answer is a success.

@@ -40,14 +40,7 @@ impl Harness {
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let url = format!("https://localhost:{}/admin/{path}", self.server.port);
-        let mut req = self.http.request(method, url).bearer_auth(token);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let r = req.send().await.unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        self.server.admin_request(&self.http, token, method, path, body).await
     }
 
     /// Posts a client-assertion token request to `path` on the token service, with an optional
