@@ -243,17 +243,20 @@ impl FailureThrottle {
         };
         if clients.len() >= MAX_CLIENTS && !clients.contains_key(&key) {
             let (rate, burst) = (self.rate, self.burst);
-            clients.retain(|_, c| {
-                c.refused.is_some() || c.tokens + now.duration_since(c.refilled).as_secs_f64() * rate < burst
-            });
+            clients.retain(|_, c| c.refused.is_some() || refill(c.tokens, c.refilled, now, rate) < burst);
         }
         let client =
             clients.entry(key).or_insert(Allowance { tokens: self.burst, refilled: now, refused: None });
-        client.tokens =
-            (client.tokens + now.duration_since(client.refilled).as_secs_f64() * self.rate).min(self.burst);
+        client.tokens = refill(client.tokens, client.refilled, now, self.rate).min(self.burst);
         client.refilled = now;
         f(client, self.rate)
     }
+}
+
+/// A token bucket's content at `now`: `tokens` at `since`, plus `rate` a second (uncapped; the
+/// callers cap it at their burst, or compare with it to find full buckets).
+fn refill(tokens: f64, since: Instant, now: Instant, rate: f64) -> f64 {
+    tokens + now.duration_since(since).as_secs_f64() * rate
 }
 
 fn refuse(client: &mut Allowance, rate: f64, now: Instant) -> Duration {
@@ -376,12 +379,12 @@ impl PrincipalThrottle {
                 // buckets now and then all the same.
                 if principals.len() >= MAX_CLIENTS {
                     let (rate, burst) = (self.rate, self.burst);
-                    principals.retain(|_, (t, at)| *t + now.duration_since(*at).as_secs_f64() * rate < burst);
+                    principals.retain(|_, (t, at)| refill(*t, *at, now, rate) < burst);
                 }
                 principals.entry(principal.to_owned()).or_insert((self.burst, now))
             }
         };
-        *tokens = (*tokens + now.duration_since(*refilled).as_secs_f64() * self.rate).min(self.burst);
+        *tokens = refill(*tokens, *refilled, now, self.rate).min(self.burst);
         *refilled = now;
         if *tokens >= 1.0 {
             *tokens -= 1.0;
